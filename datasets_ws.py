@@ -1,0 +1,187 @@
+"""Reading datasets in the datasets_vg layout: image paths, UTM coordinates, positives, image tensors.
+
+Layout: <datasets_folder>/<dataset_name>/images/<split>/{database,queries}/**/@utm_east@utm_north@...@.jpg
+"""
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.utils.data as data
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFile, UnidentifiedImageError
+from sklearn.neighbors import NearestNeighbors
+
+from commons import UserInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+
+base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and coordinates
+
+def find_images(folder):
+    """All images under `folder` (recursively), sorted by path, as the original's sorted recursive glob."""
+    paths = []
+    for root, _, files in os.walk(folder, followlinks=True):
+        paths.extend(os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(paths)
+
+
+def parse_utm(path):
+    """(east, north) in metres from a datasets_vg file name `@utm_east@utm_north@...@.jpg`."""
+    fields = os.path.basename(path).split("@")
+    try:
+        return float(fields[1]), float(fields[2])
+    except (IndexError, ValueError):
+        raise UserInputError(
+            f"Cannot read UTM coordinates from the file name of {path}: it should look like "
+            "'@<utm_east>@<utm_north>@...@.jpg' with two numbers after the first two '@'. "
+            "Rename the file, or build the dataset with tools/build_dataset.py.") from None
+
+
+def parse_utms(paths):
+    """UTM coordinates of many paths as a float array [len(paths), 2]."""
+    return np.array([parse_utm(path) for path in paths], dtype=np.float64).reshape(-1, 2)
+
+
+def find_positives(database_utms, queries_utms, radius):
+    """For each query, the indices (sorted) of the database images within `radius` metres (distance <= radius)."""
+    if len(queries_utms) == 0 or len(database_utms) == 0:
+        return [np.array([], dtype=np.int64) for _ in range(len(queries_utms))]
+    knn = NearestNeighbors(n_jobs=1)
+    knn.fit(database_utms)
+    positives = knn.radius_neighbors(queries_utms, radius=radius, return_distance=False)
+    return [np.sort(p).astype(np.int64) for p in positives]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+def open_image(path):
+    """Open any readable image as 8-bit RGB; an unreadable file raises an error that names it."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise UserInputError(f"Image not found: {path}. Was it moved or deleted after the dataset was read?") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise UserInputError(f"Cannot read the image {path} ({error}). The file is corrupt, truncated or not an "
+                             "image: replace it or remove it from the dataset.") from None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit or float greyscale: PIL's convert("RGB") would clip instead of rescale
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(((array - low) * scale).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def load_image_tensor(path):
+    """The normalised tensor [3, H, W] of an image at its own size (ToTensor + ImageNet normalisation)."""
+    return base_transform(open_image(path))
+
+
+# Query transforms of the test methods; each takes a normalised tensor [3, H, W] and the target (H, W).
+def hard_resize(image, resize):
+    """Resize to exactly `resize` (H, W), as the original does for every database image."""
+    return TF.resize(image, list(resize), antialias=True)
+
+
+def resize_shorter_side(image, resize):
+    """Resize so that the shorter side is min(resize), keeping the aspect ratio (single_query)."""
+    return TF.resize(image, min(resize), antialias=True)
+
+
+def central_crop(image, resize):
+    """Scale by max(H/h, W/w) (nearest, as the original) so the image covers `resize`, then centre-crop to it."""
+    _, height, width = image.shape
+    scale = max(resize[0] / height, resize[1] / width)
+    scaled = torch.nn.functional.interpolate(image.unsqueeze(0), scale_factor=scale).squeeze(0)
+    return TF.center_crop(scaled, list(resize))
+
+
+def five_crops(image, resize):
+    """The 5 square crops of side min(resize) of the image resized to that shorter side: [5, 3, S, S]."""
+    side = min(resize)
+    resized = TF.resize(image, side, antialias=True)
+    return torch.stack(TF.five_crop(resized, [side, side]))
+
+
+class ImagesDataset(data.Dataset):
+    """Images of a list of paths, each turned into a tensor by `transform(tensor, resize)`; yields (tensor, index)."""
+
+    def __init__(self, paths, transform=hard_resize, resize=None):
+        self.paths = list(paths)
+        self.transform = transform
+        self.resize = resize
+
+    def __getitem__(self, index):
+        image = load_image_tensor(self.paths[index])
+        if self.resize is not None:
+            image = self.transform(image, self.resize)
+        return image, index
+
+    def __len__(self):
+        return len(self.paths)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A geo-tagged split: database and queries with their coordinates and positives
+
+def split_folder(datasets_folder, dataset_name, split):
+    return os.path.join(datasets_folder, dataset_name, "images", split)
+
+
+class GeoDataset:
+    """Database and query images of one split, their UTM coordinates, and the positives of each query.
+
+    Index order as the original: database images first, then queries (see `images_paths`).
+    `soft_positives_per_query[i]` are the database indices within `positive_dist_threshold` metres of query i.
+    """
+
+    def __init__(self, datasets_folder, dataset_name, split, positive_dist_threshold=25):
+        self.dataset_name = dataset_name
+        self.split = split
+        self.dataset_folder = split_folder(datasets_folder, dataset_name, split)
+        self.positive_dist_threshold = positive_dist_threshold
+        dataset_root = os.path.join(datasets_folder, dataset_name)
+        if not os.path.isdir(dataset_root):
+            raise UserInputError(f"Dataset folder {dataset_root} does not exist. Check --datasets_folder and "
+                                 "--dataset_name (the layout is <datasets_folder>/<dataset_name>/images/<split>/"
+                                 "{database,queries}).")
+        if not os.path.isdir(self.dataset_folder):
+            raise UserInputError(f"The {split} split is missing: {self.dataset_folder} does not exist. "
+                                 f"Create {self.dataset_folder}/database and {self.dataset_folder}/queries.")
+        self.database_paths = self._read_folder("database")
+        self.queries_paths = self._read_folder("queries")
+        self.database_utms = parse_utms(self.database_paths)
+        self.queries_utms = parse_utms(self.queries_paths)
+        self.soft_positives_per_query = find_positives(self.database_utms, self.queries_utms,
+                                                       positive_dist_threshold)
+        self.images_paths = self.database_paths + self.queries_paths
+        self.database_num = len(self.database_paths)
+        self.queries_num = len(self.queries_paths)
+        without_positives = sum(len(p) == 0 for p in self.soft_positives_per_query)
+        if without_positives:
+            logging.info(f"{self}: {without_positives} of {self.queries_num} queries have no database image within "
+                         f"{positive_dist_threshold} m; they count as misses in every recall.")
+
+    def _read_folder(self, kind):
+        folder = os.path.join(self.dataset_folder, kind)
+        if not os.path.isdir(folder):
+            raise UserInputError(f"Missing folder {folder}: a split needs both database/ and queries/ folders.")
+        paths = find_images(folder)
+        if not paths:
+            raise UserInputError(f"No images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files, "
+                                 "recursively). Put the images there or fix --datasets_folder / --dataset_name.")
+        return paths
+
+    def __repr__(self):
+        return f"< {self.dataset_name} - #database: {self.database_num}; #queries: {self.queries_num} >"

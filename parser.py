@@ -1,0 +1,249 @@
+"""Every command-line flag of train.py and eval.py: parsing, validation, derived values.
+
+Flag names, types and defaults follow the original benchmark, so its commands work unchanged; the choices of the
+pluggable axes come from their registries. Every bad flag or bad combination ends as an argparse error (exit
+status 2) with one line that says what is wrong and how to fix it.
+"""
+import argparse
+import os
+
+import torch
+
+from mining import MINING_METHODS
+from model.aggregation import AGGREGATIONS
+from model.backbones import BACKBONES
+from model.losses import LOSSES
+from network import compatibility_error
+from test import TEST_METHODS
+from util import OFF_THE_SHELF_MODELS, PRETRAININGS
+
+REPO_FOLDER = os.path.dirname(os.path.abspath(__file__))
+# Where the demo generates its synthetic dataset; the last fallback of --datasets_folder
+DEFAULT_DATASETS_FOLDER = os.path.join(REPO_FOLDER, "data", "datasets")
+DATASETS_FOLDER_ENV = "DATASETS_FOLDER"
+
+# Older spellings used in the original README and code, accepted as aliases of the current names
+BACKBONE_ALIASES = {"r18l3": "resnet18conv4", "r18l4": "resnet18conv5", "r50l3": "resnet50conv4",
+                    "r50l4": "resnet50conv5", "r101l3": "resnet101conv4", "r101l4": "resnet101conv5"}
+TEST_METHOD_ALIASES = {"five_crops_mean": "five_crops", "majority_voting": "maj_voting"}
+OFF_THE_SHELF_BACKBONES = ("resnet50conv5", "resnet101conv5")
+OFF_THE_SHELF_FC_DIM = 2048
+VIT_SIZES = ([224, 224], [384, 384])
+CCT_SIZE = [384, 384]
+
+
+def _with_aliases(aliases):
+    """argparse `type` that maps an old spelling to its current name before `choices` is checked."""
+    def convert(value):
+        return aliases.get(value, value)
+    return convert
+
+
+def _default_num_workers():
+    return min(8, os.cpu_count() or 1)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Deep visual geo-localization benchmark: train and evaluate place-recognition models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--train_batch_size", type=int, default=4,
+                       help="Number of triplet groups (query, positive, negatives) in a batch; each group holds "
+                            "2 + negs_num_per_query images")
+    group.add_argument("--infer_batch_size", type=int, default=16,
+                       help="Batch size for inference (caching and testing)")
+    group.add_argument("--criterion", type=str, default="triplet", choices=list(LOSSES),
+                       help="Loss to be used")
+    group.add_argument("--margin", type=float, default=0.1, help="Margin of the triplet loss")
+    group.add_argument("--epochs_num", type=int, default=1000, help="Maximum number of epochs to train for")
+    group.add_argument("--patience", type=int, default=3,
+                       help="Stop after this many epochs without improvement of the validation R@5")
+    group.add_argument("--lr", type=float, default=0.00001, help="Learning rate")
+    group.add_argument("--lr_crn_layer", type=float, default=5e-3, help="Learning rate of the CRN layer")
+    group.add_argument("--lr_crn_net", type=float, default=5e-4,
+                       help="Learning rate of the rest of the network when training CRN")
+    group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer")
+    group.add_argument("--cache_refresh_rate", type=int, default=1000,
+                       help="Number of queries after which the feature cache is recomputed")
+    group.add_argument("--queries_per_epoch", type=int, default=5000,
+                       help="Number of queries per epoch; must be a multiple of cache_refresh_rate")
+    group.add_argument("--negs_num_per_query", type=int, default=10, help="Number of negatives per query")
+    group.add_argument("--neg_samples_num", type=int, default=1000,
+                       help="Number of database images sampled to mine negatives from")
+    group.add_argument("--mining", type=str, default="partial", choices=list(MINING_METHODS),
+                       help="Hard-negative mining method")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", type=_with_aliases(BACKBONE_ALIASES), default="resnet18conv4",
+                       choices=list(BACKBONES),
+                       help="Backbone; ResNets are cut after conv4 (layer3) or conv5 (layer4). Old spellings "
+                            "r18l3 ... r101l4 are accepted")
+    group.add_argument("--l2", type=str, default="before_pool", choices=["before_pool", "after_pool", "none"],
+                       help="Where to L2-normalise with the shallow poolings (gem, spoc, mac, rmac)")
+    group.add_argument("--aggregation", type=str, default="netvlad", choices=list(AGGREGATIONS),
+                       help="Aggregation (pooling) layer")
+    group.add_argument("--netvlad_clusters", type=int, default=64, help="Number of clusters of NetVLAD / CRN")
+    group.add_argument("--pca_dim", type=int, default=None,
+                       help="PCA dimension applied to descriptors at test time (needs --pca_dataset_folder)")
+    group.add_argument("--fc_output_dim", type=int, default=None,
+                       help="Output dimension of a fully connected layer added after the aggregation")
+    group.add_argument("--pretrain", "--pretrained", type=str, default="imagenet", choices=list(PRETRAININGS),
+                       help="Initial weights of the backbone; 'none' gives random weights (works offline)")
+    group.add_argument("--off_the_shelf", type=str, default="imagenet", choices=list(OFF_THE_SHELF_MODELS),
+                       help="Off-the-shelf landmark-retrieval weights to evaluate (needs ResNet-50/101 conv5 + "
+                            "GeM + --fc_output_dim 2048); 'imagenet' means none")
+    group.add_argument("--trunc_te", type=int, default=None, choices=list(range(0, 14)),
+                       help="Keep only the first N transformer encoder layers (cct384, vit)")
+    group.add_argument("--freeze_te", type=int, default=None, choices=list(range(-1, 14)),
+                       help="Freeze the transformer encoder layers up to N (cct384, vit)")
+
+    group = parser.add_argument_group("initialization")
+    group.add_argument("--seed", type=int, default=0, help="Seed of every random generator")
+    group.add_argument("--resume", type=str, default=None,
+                       help="Checkpoint to load: a path (ours or the original's model-zoo files) or a model-zoo "
+                            "name; a last_model.pth continues training from its next epoch")
+    group.add_argument("--trust_checkpoint", action="store_true",
+                       help="Allow loading checkpoints that need arbitrary code to unpickle; only for trusted files")
+
+    group = parser.add_argument_group("other")
+    group.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                       choices=["cuda", "cpu"], help="Device (cuda when available)")
+    group.add_argument("--num_workers", type=int, default=_default_num_workers(),
+                       help="Number of data-loading worker processes")
+    group.add_argument("--resize", type=int, default=[480, 640], nargs=2, metavar=("H", "W"),
+                       help="Resizing shape for images (HxW)")
+    group.add_argument("--test_method", type=_with_aliases(TEST_METHOD_ALIASES), default="hard_resize",
+                       choices=list(TEST_METHODS),
+                       help="How queries are processed at test time (old spellings five_crops_mean and "
+                            "majority_voting are accepted)")
+    group.add_argument("--majority_weight", type=float, default=0.01,
+                       help="Weight of the votes in maj_voting")
+    group.add_argument("--efficient_ram_testing", action="store_true",
+                       help="Test with memory that does not grow with queries x database (streamed search)")
+    group.add_argument("--val_positive_dist_threshold", type=int, default=25,
+                       help="Distance (metres) within which a database image is a positive at test time")
+    group.add_argument("--train_positives_dist_threshold", type=int, default=10,
+                       help="Distance (metres) within which a database image is a positive for training")
+    group.add_argument("--recall_values", type=int, default=[1, 5, 10, 20], nargs="+",
+                       help="Values of N for the Recall@N")
+
+    group = parser.add_argument_group("data augmentation (queries)")
+    group.add_argument("--brightness", type=float, default=0, help="Colour jitter: brightness")
+    group.add_argument("--contrast", type=float, default=0, help="Colour jitter: contrast")
+    group.add_argument("--saturation", type=float, default=0, help="Colour jitter: saturation")
+    group.add_argument("--hue", type=float, default=0, help="Colour jitter: hue, in [0, 0.5]")
+    group.add_argument("--rand_perspective", type=float, default=0, help="Random perspective distortion, in [0, 1]")
+    group.add_argument("--horizontal_flip", "--horizontal_flipping", action="store_true",
+                       help="Flip whole triplet batches horizontally at random")
+    group.add_argument("--random_resized_crop", type=float, default=0,
+                       help="Random resized crop: the smallest kept fraction of the image is 1 - this, in [0, 1)")
+    group.add_argument("--random_rotation", type=float, default=0, help="Random rotation, in degrees")
+
+    group = parser.add_argument_group("paths")
+    group.add_argument("--datasets_folder", type=str, default=None,
+                       help=f"Folder with the datasets; else ${DATASETS_FOLDER_ENV}, else the demo's "
+                            f"{os.path.relpath(DEFAULT_DATASETS_FOLDER, REPO_FOLDER)}")
+    group.add_argument("--dataset_name", type=str, default="pitts30k", help="Name of the dataset (its folder)")
+    group.add_argument("--pca_dataset_folder", type=str, default=None,
+                       help="Folder (relative to --datasets_folder) of the images used to fit PCA, e.g. "
+                            "pitts30k/images/train")
+    group.add_argument("--save_dir", type=str, default="default",
+                       help="Runs are saved in logs/<save_dir>/<date_time>/")
+    return parser
+
+
+POSITIVE_INT_FLAGS = ("train_batch_size", "infer_batch_size", "epochs_num", "patience", "cache_refresh_rate",
+                      "queries_per_epoch", "negs_num_per_query", "neg_samples_num", "netvlad_clusters",
+                      "val_positive_dist_threshold", "train_positives_dist_threshold")
+OPTIONAL_POSITIVE_INT_FLAGS = ("pca_dim", "fc_output_dim")
+NON_NEGATIVE_FLAGS = ("margin", "lr_crn_layer", "lr_crn_net", "num_workers", "brightness", "contrast",
+                      "saturation", "random_rotation")
+
+
+def _check_values(parser, args):
+    """Range checks of single flags."""
+    for name in POSITIVE_INT_FLAGS:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in OPTIONAL_POSITIVE_INT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}")
+    for name in NON_NEGATIVE_FLAGS:
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if min(args.resize) < 1:
+        parser.error(f"--resize needs two positive integers H W, got {args.resize[0]} {args.resize[1]}")
+    if min(args.recall_values) < 1:
+        parser.error(f"--recall_values must be positive integers, got {' '.join(map(str, args.recall_values))}")
+    if not 0 <= args.hue <= 0.5:
+        parser.error(f"--hue must be in [0, 0.5], got {args.hue}")
+    if not 0 <= args.rand_perspective <= 1:
+        parser.error(f"--rand_perspective must be in [0, 1], got {args.rand_perspective}")
+    if not 0 <= args.random_resized_crop < 1:
+        parser.error(f"--random_resized_crop must be in [0, 1), got {args.random_resized_crop}")
+
+
+def _check_combinations(parser, args):
+    """The original's cross-flag checks, as errors that say how to fix the command."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    if args.aggregation == "crn" and args.resume is None:
+        parser.error("CRN must start from a trained NetVLAD: pass --resume with a NetVLAD (or CRN) checkpoint of "
+                     "the same backbone")
+    if args.queries_per_epoch % args.cache_refresh_rate != 0:
+        parser.error(f"--queries_per_epoch ({args.queries_per_epoch}) must be a multiple of --cache_refresh_rate "
+                     f"({args.cache_refresh_rate}): change one of them")
+    if args.mining == "msls_weighted" and args.dataset_name != "msls":
+        parser.error(f"--mining msls_weighted needs the msls dataset (it reads MSLS file-name notes), but "
+                     f"--dataset_name is {args.dataset_name}: use another --mining")
+    if args.off_the_shelf != "imagenet":
+        if (args.backbone not in OFF_THE_SHELF_BACKBONES or args.aggregation != "gem"
+                or args.fc_output_dim != OFF_THE_SHELF_FC_DIM):
+            parser.error(f"off-the-shelf models (--off_the_shelf {args.off_the_shelf}) are ResNet-50/101 + GeM + FC "
+                         f"{OFF_THE_SHELF_FC_DIM}: use --backbone {' or '.join(OFF_THE_SHELF_BACKBONES)} "
+                         f"--aggregation gem --fc_output_dim {OFF_THE_SHELF_FC_DIM}")
+    if args.pca_dim is not None and args.pca_dataset_folder is None:
+        parser.error("--pca_dim needs --pca_dataset_folder, the images to fit PCA on (e.g. pitts30k/images/train)")
+    if args.backbone == "vit" and args.resize not in VIT_SIZES:
+        parser.error(f"vit works at 224x224 or 384x384, but --resize is {args.resize[0]} {args.resize[1]}: "
+                     "add --resize 224 224 or --resize 384 384")
+    if args.backbone == "cct384" and args.resize != CCT_SIZE:
+        parser.error(f"cct384 works at 384x384, but --resize is {args.resize[0]} {args.resize[1]}: "
+                     "add --resize 384 384")
+    error = compatibility_error(args.backbone, args.aggregation)
+    if error:
+        parser.error(error)
+
+
+def resolve_datasets_folder(parser, args, require_dataset):
+    """--datasets_folder, else $DATASETS_FOLDER, else the demo's folder; with a clear error when the chosen
+    folder does not hold --dataset_name."""
+    if args.datasets_folder is not None:
+        folder, source = args.datasets_folder, "--datasets_folder"
+    elif os.environ.get(DATASETS_FOLDER_ENV):
+        folder, source = os.environ[DATASETS_FOLDER_ENV], f"${DATASETS_FOLDER_ENV}"
+    else:
+        folder, source = DEFAULT_DATASETS_FOLDER, "the default folder"
+    if require_dataset and not os.path.isdir(os.path.join(folder, args.dataset_name)):
+        parser.error(f"dataset '{args.dataset_name}' not found in {folder} (from {source}). Pass "
+                     f"--datasets_folder=<folder holding {args.dataset_name}/images> or export "
+                     f"{DATASETS_FOLDER_ENV}=<that folder>; the demo's synthetic dataset is made by "
+                     "make_synthetic_dataset.py")
+    return folder
+
+
+def parse_arguments(argv=None, require_dataset=True):
+    """Parse, validate and derive. The returned namespace is read-only for the rest of the script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_values(parser, args)
+    _check_combinations(parser, args)
+    # Derived values
+    args.datasets_folder = resolve_datasets_folder(parser, args, require_dataset)
+    args.recall_values = sorted(set(args.recall_values))
+    return args
