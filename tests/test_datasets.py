@@ -10,8 +10,7 @@ from PIL import Image
 import datasets_ws
 from commons import UserInputError
 
-REALDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata")
-REALDATA = os.environ.get("VG_REALDATA", os.path.abspath(REALDATA))
+REALDATA = os.path.join(os.path.dirname(__file__), "data", "realdata")
 REAL_DATASETS = ["vprbench_corridor", "opensfm_lund", "gardenspoint_mini"]
 
 
