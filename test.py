@@ -1,14 +1,30 @@
-"""Test-time methods: how queries are turned into tensors and how per-crop results become per-query predictions."""
+"""Testing: descriptors of the database and the queries, exact nearest-neighbour search, merging of the
+per-crop results, and Recall@N.
+
+`test(args, eval_ds, model, test_method, pca)` is what training and eval.py call; `retrieve(...)` is the part
+that needs no coordinates (it also serves folders of images without positions), and `compute_recalls(...)` is a
+pure function of predictions and positives.
+"""
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import faiss
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import datasets_ws
+from commons import UserInputError
 
 # Majority voting looks for database images repeated among the first n predictions of the crops, for these n
 VOTING_TOP_N = (1, 5, 10)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Merging the results of the crops of each query
 
 def merge_nearest_crop(predictions, distances, top_k):
     """Per query: pool the crops' (prediction, distance) lists, sort by distance, keep each database index once
@@ -45,6 +61,19 @@ def merge_majority_voting(predictions, distances, top_k, majority_weight):
     return merge_nearest_crop(predictions, distances, top_k)
 
 
+def nearest_crop_distances(predictions, distances, merged):
+    """For each merged prediction [queries_num, top_k], its smallest distance over the query's crops
+    (predictions, distances: [queries_num, crops_num, k]); what a person reads as "how far" for crop methods."""
+    result = np.empty(merged.shape, dtype=distances.dtype)
+    for q in range(merged.shape[0]):
+        smallest = {}
+        for prediction, distance in zip(predictions[q].ravel(), distances[q].ravel()):
+            if prediction not in smallest or distance < smallest[prediction]:
+                smallest[prediction] = distance
+        result[q] = [smallest[prediction] for prediction in merged[q]]
+    return result
+
+
 @dataclass(frozen=True)
 class TestMethod:
     """What a --test_method does to queries.
@@ -70,3 +99,259 @@ TEST_METHODS = {
                                merge_predictions=lambda p, d, k, w: merge_nearest_crop(p, d, k)),
     "maj_voting": TestMethod(datasets_ws.five_crops, merge_predictions=merge_majority_voting),
 }
+
+
+def get_test_method(name):
+    if name not in TEST_METHODS:
+        raise UserInputError(f"Unknown test method '{name}'; valid names: {', '.join(TEST_METHODS)}")
+    return TEST_METHODS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recall
+
+def positives_mask(predictions, positives_per_query):
+    """[queries_num, k] booleans: whether prediction j of query q is one of its positives.
+
+    predictions: [queries_num, k] database indices (negative values, faiss' "no result", are never positives);
+    positives_per_query: one array of database indices per query.
+    """
+    predictions = np.asarray(predictions, dtype=np.int64)
+    queries_num = len(predictions)
+    if len(positives_per_query) != queries_num:
+        raise ValueError(f"{queries_num} rows of predictions but positives for {len(positives_per_query)} queries")
+    lengths = np.array([len(p) for p in positives_per_query], dtype=np.int64)
+    if predictions.size == 0 or lengths.sum() == 0:
+        return np.zeros(predictions.shape, dtype=bool)
+    positives = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives_per_query])
+    # One integer key per (query, database index) pair, so that a single isin answers every query at once
+    width = max(int(predictions.max()), int(positives.max())) + 1
+    positive_keys = np.repeat(np.arange(queries_num, dtype=np.int64), lengths) * width + positives
+    prediction_keys = np.arange(queries_num, dtype=np.int64)[:, None] * width + predictions
+    return np.isin(prediction_keys, positive_keys) & (predictions >= 0)
+
+
+def compute_recalls(predictions, positives_per_query, recall_values):
+    """Recall@N in percent for each N of `recall_values`: the share of queries with at least one positive among
+    their first N predictions. Queries without positives count as misses."""
+    mask = positives_mask(predictions, positives_per_query)
+    queries_num = len(mask)
+    if queries_num == 0:
+        raise ValueError("Cannot compute recalls without queries")
+    first_hit = np.where(mask.any(axis=1), mask.argmax(axis=1), np.iinfo(np.int64).max)
+    return np.array([np.count_nonzero(first_hit < n) / queries_num * 100 for n in recall_values])
+
+
+def recalls_to_str(recall_values, recalls):
+    """The original's format, parsed by sweeps: 'R@1: 47.8, R@5: 55.8, R@10: 60.2, R@20: 67.1'."""
+    return ", ".join(f"R@{n}: {recall:.1f}" for n, recall in zip(recall_values, recalls))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Descriptors
+
+def make_loader(paths, transform, resize, batch_size, num_workers, device):
+    dataset = datasets_ws.ImagesDataset(paths, transform, resize)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=torch.device(device).type == "cuda")
+
+
+def descriptor_batches(model, loader, device, mean_of_crops=False, pca=None, description=None):
+    """Yield (indices, descriptors float32) per batch of `loader`, which yields (images, indices).
+
+    Images [b, crops, 3, H, W] (crop test methods) go through the model as b * crops images, the crops of a
+    query contiguous; their descriptors are averaged per query when `mean_of_crops`, else returned as
+    [b, crops, dim]. PCA, when given, is applied after the averaging.
+    """
+    with torch.no_grad():
+        for images, indices in tqdm(loader, ncols=100, desc=description, disable=None):
+            crops_num = images.shape[1] if images.dim() == 5 else None
+            if crops_num is not None:
+                images = images.flatten(0, 1)
+            features = model(images.to(device))
+            if crops_num is not None and mean_of_crops:
+                features = torch.stack(torch.split(features, crops_num)).mean(1)
+            features = features.cpu().numpy()
+            if pca is not None:
+                features = pca.transform(features)
+            features = np.asarray(features, dtype=np.float32)
+            if crops_num is not None and not mean_of_crops:
+                features = features.reshape(len(indices), crops_num, -1)
+            yield indices.numpy(), features
+
+
+def collect_descriptors(batches, total):
+    """Fill one array [total, ...] from the (indices, descriptors) batches."""
+    descriptors = None
+    for indices, features in batches:
+        if descriptors is None:
+            descriptors = np.empty((total,) + features.shape[1:], dtype=np.float32)
+        descriptors[indices] = features
+    return descriptors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Search
+
+def exact_search(database_descriptors, queries_descriptors, k):
+    """faiss IndexFlatL2: (squared L2 distances, database indices), each [queries_num, k], nearest first."""
+    index = faiss.IndexFlatL2(database_descriptors.shape[1])
+    index.add(np.ascontiguousarray(database_descriptors, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries_descriptors, dtype=np.float32), k)
+
+
+class StreamingExactSearch:
+    """Exact search with a running top-k over database descriptors given in order, a chunk at a time.
+
+    Memory holds the queries, one chunk of the database and the running results, never the whole database.
+    The chunk is a multiple of faiss' database block, so every distance is computed exactly as
+    `exact_search` computes it; ties are kept in database order as faiss does: the results are identical.
+    """
+
+    def __init__(self, queries_descriptors, k, chunk_size=None):
+        self.queries = np.ascontiguousarray(queries_descriptors, dtype=np.float32)
+        self.k = k
+        block = faiss.cvar.distance_compute_blas_database_bs
+        self.chunk_size = chunk_size or block
+        self.buffer = None
+        self.filled = 0
+        self.offset = 0  # database index of buffer[0]
+        self.distances = np.empty((len(self.queries), 0), dtype=np.float32)
+        self.predictions = np.empty((len(self.queries), 0), dtype=np.int64)
+        self.seconds = 0.0
+
+    def add(self, descriptors):
+        """Add the next database descriptors [n, dim], in database order."""
+        if self.buffer is None:
+            self.buffer = np.empty((self.chunk_size, descriptors.shape[1]), dtype=np.float32)
+        start = 0
+        while start < len(descriptors):
+            taken = min(self.chunk_size - self.filled, len(descriptors) - start)
+            self.buffer[self.filled:self.filled + taken] = descriptors[start:start + taken]
+            self.filled += taken
+            start += taken
+            if self.filled == self.chunk_size:
+                self._search_chunk()
+
+    def _search_chunk(self):
+        start_time = time.perf_counter()
+        chunk_distances, chunk_predictions = exact_search(self.buffer[:self.filled], self.queries,
+                                                          min(self.k, self.filled))
+        distances = np.concatenate([self.distances, chunk_distances], axis=1)
+        predictions = np.concatenate([self.predictions, chunk_predictions + self.offset], axis=1)
+        # Stable sort: among equal distances the earlier (smaller) database index stays first, as in faiss
+        order = np.argsort(distances, axis=1, kind="stable")[:, :self.k]
+        self.distances = np.take_along_axis(distances, order, axis=1)
+        self.predictions = np.take_along_axis(predictions, order, axis=1)
+        self.offset += self.filled
+        self.filled = 0
+        self.seconds += time.perf_counter() - start_time
+
+    def result(self):
+        """(distances, predictions) [queries_num, k] over everything added."""
+        if self.filled:
+            self._search_chunk()
+        return self.distances, self.predictions
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole pipeline
+
+@dataclass
+class Retrieval:
+    """Per query, its top-k database images: indices and squared L2 distances (for crop methods merged over the
+    crops, the distance being the nearest crop's), plus timings."""
+    predictions: np.ndarray
+    distances: np.ndarray
+    extraction_seconds: float
+    search_seconds: float
+
+
+def retrieve(args, database_paths, queries_paths, model, test_method="hard_resize", pca=None, k=None,
+             on_descriptors=None):
+    """Describe database and queries with `model` and find each query's `k` nearest database images
+    (k defaults to max(args.recall_values); it is clamped to the database size).
+
+    The database is always hard-resized; queries are processed as `test_method` says. With
+    args.efficient_ram_testing the database is streamed through `StreamingExactSearch` (same results, memory
+    independent of the database size). `on_descriptors(kind, indices, descriptors)`, kind "database" or
+    "queries", sees every batch of descriptors (e.g. to save them).
+    Reads from args: device, infer_batch_size, num_workers, resize, recall_values, majority_weight,
+    efficient_ram_testing.
+    """
+    method = get_test_method(test_method)
+    k = min(k or max(args.recall_values), len(database_paths))
+    model = model.eval()
+
+    def observed(kind, batches):
+        for indices, features in batches:
+            if on_descriptors is not None:
+                on_descriptors(kind, indices, features)
+            yield indices, features
+
+    def database_batches():
+        loader = make_loader(database_paths, datasets_ws.hard_resize, args.resize, args.infer_batch_size,
+                             args.num_workers, args.device)
+        return observed("database", descriptor_batches(model, loader, args.device, pca=pca,
+                                                       description="Database"))
+
+    queries_batch_size = 1 if method.one_query_per_batch else args.infer_batch_size
+    queries_loader = make_loader(queries_paths, method.query_transform, args.resize, queries_batch_size,
+                                 args.num_workers, args.device)
+    start_time = time.perf_counter()
+    queries_descriptors = collect_descriptors(
+        observed("queries", descriptor_batches(model, queries_loader, args.device, method.mean_of_crops, pca,
+                                               description="Queries")), len(queries_paths))
+    # Crop methods search with every crop: [queries, crops, dim] -> [queries * crops, dim]
+    flat_queries = queries_descriptors.reshape(-1, queries_descriptors.shape[-1])
+
+    logging.debug(f"Extracting the descriptors of {len(database_paths)} database images and searching the top "
+                  f"{k} of {len(queries_paths)} queries")
+    if args.efficient_ram_testing:
+        streaming = StreamingExactSearch(flat_queries, k)
+        for _, features in database_batches():
+            streaming.add(features)
+        distances, predictions = streaming.result()
+        search_seconds = streaming.seconds
+        extraction_seconds = time.perf_counter() - start_time - search_seconds
+    else:
+        database_descriptors = collect_descriptors(database_batches(), len(database_paths))
+        extraction_seconds = time.perf_counter() - start_time
+        search_start = time.perf_counter()
+        distances, predictions = exact_search(database_descriptors, flat_queries, k)
+        del database_descriptors
+        search_seconds = time.perf_counter() - search_start
+
+    search_start = time.perf_counter()
+    if method.merge_predictions is not None:
+        crops_num = queries_descriptors.shape[1]
+        predictions = predictions.reshape(len(queries_paths), crops_num, k)
+        distances = distances.reshape(len(queries_paths), crops_num, k)
+        merged = method.merge_predictions(predictions, distances, k, args.majority_weight)
+        distances = nearest_crop_distances(predictions, distances, merged)
+        predictions = merged
+    search_seconds += time.perf_counter() - search_start
+    return Retrieval(predictions, distances, extraction_seconds, search_seconds)
+
+
+@dataclass
+class Evaluation:
+    """Recalls (percent, by N) of one dataset with what produced them."""
+    recalls: dict
+    recalls_str: str
+    retrieval: Retrieval
+
+
+def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, on_descriptors=None):
+    """`retrieve` on a GeoDataset, then Recall@N for each N of args.recall_values."""
+    retrieval = retrieve(args, eval_ds.database_paths, eval_ds.queries_paths, model, test_method, pca,
+                         on_descriptors=on_descriptors)
+    recalls = compute_recalls(retrieval.predictions, eval_ds.soft_positives_per_query, args.recall_values)
+    recalls_by_n = {int(n): float(recall) for n, recall in zip(args.recall_values, recalls)}
+    return Evaluation(recalls_by_n, recalls_to_str(args.recall_values, recalls), retrieval)
+
+
+def test(args, eval_ds, model, test_method="hard_resize", pca=None):
+    """Recalls of `model` on `eval_ds` (a datasets_ws.GeoDataset): ({N: recall in percent}, 'R@1: .., R@5: ..')."""
+    evaluation = evaluate(args, eval_ds, model, test_method, pca)
+    return evaluation.recalls, evaluation.recalls_str
