@@ -1,0 +1,1 @@
+"""Layers of the geo-localization network: backbones, aggregations, CCT, functional ops, weight tables."""
