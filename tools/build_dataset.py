@@ -266,14 +266,14 @@ def read_locations_csv(csv_path):
     first_number, first_row = rows[0]
     if len(first_row) >= 3 and not _is_number(first_row[1]):  # a header
         header = [cell.strip().lower() for cell in first_row]
-        try:
-            columns = tuple(next(i for i, cell in enumerate(header) if cell in CSV_COLUMN_NAMES[column])
-                            for column in ("file", "latitude", "longitude"))
-        except StopIteration:
+        found = [[i for i, cell in enumerate(header) if cell in CSV_COLUMN_NAMES[column]]
+                 for column in ("file", "latitude", "longitude")]
+        if not all(found):
             raise UserInputError(
                 f"The header of {csv_path} ({', '.join(first_row)}) lacks a file, latitude or longitude column: "
                 f"name them {', '.join(names[0] for names in CSV_COLUMN_NAMES.values())} "
-                "(or remove the header and put them in that order).") from None
+                "(or remove the header and put them in that order).")
+        columns = tuple(indices[0] for indices in found)
         rows = rows[1:]
     folder = os.path.dirname(os.path.abspath(csv_path))
     locations = {}
