@@ -21,6 +21,9 @@ from commons import UserInputError
 
 # Majority voting looks for database images repeated among the first n predictions of the crops, for these n
 VOTING_TOP_N = (1, 5, 10)
+# Database descriptors per chunk of the streamed search; None: faiss' own database block, which keeps every
+# distance bit-identical to the one-shot search
+STREAMING_CHUNK_SIZE = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,8 +214,7 @@ class StreamingExactSearch:
     def __init__(self, queries_descriptors, k, chunk_size=None):
         self.queries = np.ascontiguousarray(queries_descriptors, dtype=np.float32)
         self.k = k
-        block = faiss.cvar.distance_compute_blas_database_bs
-        self.chunk_size = chunk_size or block
+        self.chunk_size = chunk_size or faiss.cvar.distance_compute_blas_database_bs
         self.buffer = None
         self.filled = 0
         self.offset = 0  # database index of buffer[0]
@@ -308,7 +310,7 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
     logging.debug(f"Extracting the descriptors of {len(database_paths)} database images and searching the top "
                   f"{k} of {len(queries_paths)} queries")
     if args.efficient_ram_testing:
-        streaming = StreamingExactSearch(flat_queries, k)
+        streaming = StreamingExactSearch(flat_queries, k, STREAMING_CHUNK_SIZE)
         for _, features in database_batches():
             streaming.add(features)
         distances, predictions = streaming.result()
