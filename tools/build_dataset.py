@@ -12,8 +12,10 @@ others the database (an interleaved split of one traversal); `--subfolder databa
 of the two (run twice, with two sets of photos, for a database and queries taken at different times).
 
 Usage:
-    python tools/build_dataset.py --photos_folder DIR --output_folder data/datasets --dataset_name mine --queries_every 2
-    python tools/build_dataset.py --csv photos.csv --output_folder data/datasets --dataset_name mine --subfolder database
+    python tools/build_dataset.py --photos_folder DIR --output_folder data/datasets --dataset_name mine \
+        --queries_every 2
+    python tools/build_dataset.py --csv photos.csv --output_folder data/datasets --dataset_name mine \
+        --subfolder database
 """
 import os
 import sys
