@@ -153,10 +153,14 @@ def recalls_to_str(recall_values, recalls):
 # ----------------------------------------------------------------------------------------------------------
 # Descriptors
 
+def pin_memory(device):
+    """Pinned host memory speeds up copies to a GPU and is useless (and warned about) without one."""
+    return torch.device(device).type == "cuda"
+
+
 def make_loader(paths, transform, resize, batch_size, num_workers, device):
     dataset = datasets_ws.ImagesDataset(paths, transform, resize)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda")
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory(device))
 
 
 def descriptor_batches(model, loader, device, mean_of_crops=False, pca=None, description=None):
