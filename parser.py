@@ -151,6 +151,19 @@ def build_parser():
                             "pitts30k/images/train")
     group.add_argument("--save_dir", type=str, default="default",
                        help="Runs are saved in logs/<save_dir>/<date_time>/")
+
+    group = parser.add_argument_group("evaluation outputs")
+    group.add_argument("--save_predictions", type=int, default=None, metavar="K",
+                       help="Save each query's top-K predictions as predictions/predictions.csv in the run folder, "
+                            "and pictures of a sample of queries with their top-K")
+    group.add_argument("--save_descriptors", action="store_true",
+                       help="Save database and query descriptors (.npy) and their image paths (.txt) in the run "
+                            "folder")
+    group.add_argument("--queries_folder", type=str, default=None,
+                       help="eval.py without coordinates: a folder of query images (any names) to match against "
+                            "--database_folder; prints and saves each query's top-K, no recalls")
+    group.add_argument("--database_folder", type=str, default=None,
+                       help="eval.py without coordinates: the folder of database images (see --queries_folder)")
     return parser
 
 
@@ -220,6 +233,18 @@ def _check_combinations(parser, args):
         parser.error(error)
 
 
+def _check_evaluation_outputs(parser, args):
+    if args.save_predictions is not None and args.save_predictions < 1:
+        parser.error(f"--save_predictions must be a positive integer (the K of top-K), got {args.save_predictions}")
+    if (args.queries_folder is None) != (args.database_folder is None):
+        parser.error("--queries_folder and --database_folder go together: pass both folders to match the queries "
+                     "against the database")
+    for name in ("queries_folder", "database_folder"):
+        folder = getattr(args, name)
+        if folder is not None and not os.path.isdir(folder):
+            parser.error(f"--{name} {folder} is not a folder")
+
+
 def resolve_datasets_folder(parser, args, require_dataset):
     """--datasets_folder, else $DATASETS_FOLDER, else the demo's folder; with a clear error when the chosen
     folder does not hold --dataset_name."""
@@ -243,7 +268,9 @@ def parse_arguments(argv=None, require_dataset=True):
     args = parser.parse_args(argv)
     _check_values(parser, args)
     _check_combinations(parser, args)
+    _check_evaluation_outputs(parser, args)
     # Derived values
-    args.datasets_folder = resolve_datasets_folder(parser, args, require_dataset)
+    # Matching two image folders needs no dataset
+    args.datasets_folder = resolve_datasets_folder(parser, args, require_dataset and args.queries_folder is None)
     args.recall_values = sorted(set(args.recall_values))
     return args
