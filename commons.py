@@ -1,13 +1,15 @@
-"""Logging, run folders, seeding and the error type for bad user input."""
+"""Logging, run folders, seeding, the error type for bad user input, and the setup of several processes."""
 import logging
 import os
 import random
 import sys
 import traceback
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 RUN_FOLDER_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 LOG_FORMAT = "%(asctime)s   %(message)s"
@@ -113,3 +115,116 @@ def exit_on_user_error(main):
                                                       "levelname": "ERROR"}))
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): setup, the main process, sharding and gathering
+
+class DistributedContext(NamedTuple):
+    """This process's place among the training processes; world_size 1 when not started by torchrun."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_distributed(device="cpu", timeout_minutes=60):
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group: gloo on the CPU,
+    nccl on CUDA (each process on the GPU of its LOCAL_RANK). Without torchrun: one process, no group.
+    Returns a DistributedContext (rank, world_size, local_rank, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device)
+    if world_size == 1:
+        return DistributedContext(0, 1, 0, device)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserInputError(f"torchrun started {world_size} processes but this machine has "
+                                 f"{torch.cuda.device_count()} GPUs: lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=timeout_minutes),
+                            **({"device_id": device} if backend == "nccl" else {}))
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process():
+    """True for rank 0, the one process that writes logs, checkpoints and results (and without torchrun)."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _communication_device(world):
+    """Tensors exchanged through nccl live on the GPU, through gloo on the CPU."""
+    return world.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_object(obj, world, src=0):
+    """`obj` of process `src`, on every process (picklable objects)."""
+    if world.world_size == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, device=_communication_device(world))
+    return holder[0]
+
+
+def shard_range(total, rank, world_size):
+    """[start, end) of the contiguous share of `total` items that process `rank` handles."""
+    return total * rank // world_size, total * (rank + 1) // world_size
+
+
+def all_gather_rows(local, total, world):
+    """Concatenate, in rank order, every process's rows `local` ([its shard_range share, ...] float32 NumPy),
+    into the [total, ...] array, on every process."""
+    if world.world_size == 1:
+        return local
+    shard_size = -(-total // world.world_size)
+    device = _communication_device(world)
+    padded = torch.zeros((shard_size,) + local.shape[1:], dtype=torch.float32, device=device)
+    padded[:len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32)).to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(gathered, padded)
+    parts = []
+    for rank, part in enumerate(gathered):
+        start, end = shard_range(total, rank, world.world_size)
+        parts.append(part[:end - start].cpu().numpy())
+    return np.concatenate(parts)
+
+
+def all_reduce_mean(value, world):
+    """The mean of a float over the processes."""
+    if world.world_size == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_communication_device(world))
+    dist.all_reduce(tensor)
+    return tensor.item() / world.world_size
+
+
+def setup_worker_logging(rank):
+    """Logging of the processes other than rank 0: warnings and errors only, on stderr, marked with the rank;
+    they write no files."""
+    root_logger = logging.getLogger("")
+    for handler in list(root_logger.handlers):
+        root_logger.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s   [rank {rank}] %(message)s", LOG_TIME_FORMAT))
+    root_logger.addHandler(handler)
+    root_logger.setLevel(logging.WARNING)

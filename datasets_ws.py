@@ -185,3 +185,114 @@ class GeoDataset:
 
     def __repr__(self):
         return f"< {self.dataset_name} - #database: {self.database_num}; #queries: {self.queries_num} >"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: triplets of (query, best positive, negatives) images
+#
+# Unlike the evaluation above (normalise, then resize the tensor), training images are resized as PIL images
+# before ToTensor and normalisation, as in the original's training; queries get the augmentations first.
+
+def database_training_transform(resize):
+    """Database images in training: resize (PIL, bilinear) to `resize` (H, W), ToTensor, normalise."""
+    return T.Compose([T.Resize(list(resize)), base_transform])
+
+
+def query_training_transform(resize, brightness=0, contrast=0, saturation=0, hue=0, rand_perspective=0,
+                             random_resized_crop=0, random_rotation=0):
+    """Queries in training, in the original's order: colour jitters (brightness, contrast, saturation, hue, one
+    at a time), RandomPerspective, RandomResizedCrop to `resize` with scale (1 - random_resized_crop, 1),
+    RandomRotation, then as the database images. A jitter, perspective or rotation of 0 would leave the image
+    unchanged and is left out; RandomResizedCrop always runs (with scale 1 it still crops images whose aspect
+    ratio is outside [3/4, 4/3], as the original does)."""
+    steps = [T.ColorJitter(**{name: value}) for name, value in
+             (("brightness", brightness), ("contrast", contrast), ("saturation", saturation), ("hue", hue)) if value]
+    if rand_perspective:
+        steps.append(T.RandomPerspective(rand_perspective))
+    steps.append(T.RandomResizedCrop(size=list(resize), scale=(1 - random_resized_crop, 1)))
+    if random_rotation:
+        steps.append(T.RandomRotation(degrees=random_rotation))
+    return T.Compose(steps + [database_training_transform(resize)])
+
+
+class TripletsDataset(GeoDataset, data.Dataset):
+    """The training split: GeoDataset plus hard positives, and images of triplet groups.
+
+    Hard positives: database images within `hard_positives_dist_threshold` metres (--train_positives_dist_threshold).
+    Queries without any are removed (with their coordinates and soft positives), and their count logged.
+    Soft positives (within --val_positive_dist_threshold) are never used as negatives.
+
+    An item is fetched by a triplet row (query index, positive database index, negative database indexes...),
+    as the mining returns them (see mining.py): it gives the images [2 + negatives, 3, H, W] and the row.
+    `images_paths` (database, then the kept queries) is what the mining's cache indexes.
+    """
+
+    def __init__(self, datasets_folder, dataset_name, split="train", *, resize, hard_positives_dist_threshold=10,
+                 soft_positives_dist_threshold=25, query_transform=None):
+        super().__init__(datasets_folder, dataset_name, split, soft_positives_dist_threshold)
+        hard_positives = find_positives(self.database_utms, self.queries_utms, hard_positives_dist_threshold)
+        keep = np.array([len(p) > 0 for p in hard_positives], dtype=bool)
+        removed_num = int((~keep).sum())
+        if removed_num:
+            logging.info(f"There are {removed_num} queries without any positives within "
+                         f"{hard_positives_dist_threshold} m in the training set. They won't be considered as "
+                         "they're useless for training.")
+        if not keep.any():
+            raise UserInputError(f"No training query of {self.dataset_folder} has a database image within "
+                                 f"{hard_positives_dist_threshold} m (--train_positives_dist_threshold): raise the "
+                                 "threshold or check the coordinates in the file names")
+        self.hard_positives_per_query = [p for p, k in zip(hard_positives, keep) if k]
+        self.soft_positives_per_query = [p for p, k in zip(self.soft_positives_per_query, keep) if k]
+        self.queries_paths = [p for p, k in zip(self.queries_paths, keep) if k]
+        self.queries_utms = self.queries_utms[keep]
+        self.queries_num = len(self.queries_paths)
+        self.images_paths = self.database_paths + self.queries_paths
+        self.resize = list(resize)
+        self.query_transform = query_transform or query_training_transform(resize)
+        self.database_transform = database_training_transform(resize)
+
+    def __getitem__(self, triplet):
+        query_index, positive_index, *negative_indexes = (int(i) for i in triplet)
+        query = self.query_transform(open_image(self.queries_paths[query_index]))
+        others = [self.database_transform(open_image(self.database_paths[i]))
+                  for i in (positive_index, *negative_indexes)]
+        return torch.stack([query] + others), torch.as_tensor(np.asarray(triplet, dtype=np.int64))
+
+
+def triplets_collate_fn(batch):
+    """Stack B groups of images into [B * (2 + negatives), 3, H, W] (each group contiguous: query, positive,
+    negatives) and their rows into [B, 2 + negatives]."""
+    images = torch.cat([images for images, _ in batch])
+    triplets = torch.stack([triplet for _, triplet in batch])
+    return images, triplets
+
+
+def split_triplets_features(features, groups_num):
+    """Model outputs of a triplets batch [B * (2 + N), D] -> queries [B, D], positives [B, D], negatives [B, N, D]."""
+    features = features.view(groups_num, -1, features.shape[-1])
+    return features[:, 0], features[:, 1], features[:, 2:]
+
+
+class ListSampler(data.Sampler):
+    """Yields the items of a list that can be replaced between passes, so that one DataLoader (and its
+    worker processes) serves every refresh of the cache."""
+
+    def __init__(self, items=()):
+        self.items = list(items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+def process_share_of_batches(triplets, batch_size, rank, world_size):
+    """The triplet rows process `rank` trains on: of each batch of `batch_size` consecutive rows (an
+    incomplete last batch is dropped), its contiguous batch_size / world_size rows, as tuples."""
+    local_size = batch_size // world_size
+    rows = []
+    for start in range(0, len(triplets) - batch_size + 1, batch_size):
+        share = triplets[start + rank * local_size:start + (rank + 1) * local_size]
+        rows.extend(tuple(int(i) for i in row) for row in share)
+    return rows
