@@ -265,17 +265,36 @@ class StreamingExactSearch:
 
 @dataclass
 class Retrieval:
-    """Per query, its top-k database images: indices and squared L2 distances (for crop methods merged over the
-    crops, the distance being the nearest crop's), plus timings."""
-    predictions: np.ndarray
-    distances: np.ndarray
+    """What the search found, before merging crops: per query (per crop for nearest_crop / maj_voting, shape
+    [queries, crops, k]) the `searched_k` nearest database images as indices and squared L2 distances, nearest
+    first; plus timings. `top(k)` gives each query's final top-k for any k <= searched_k, exactly as a search
+    for k would (majority voting depends on k, so merging happens per k)."""
+    searched_predictions: np.ndarray
+    searched_distances: np.ndarray
+    merge_predictions: Optional[Callable]
+    majority_weight: float
     extraction_seconds: float
     search_seconds: float
+
+    @property
+    def searched_k(self):
+        return self.searched_predictions.shape[-1]
+
+    def top(self, k=None):
+        """(predictions, squared L2 distances) [queries, k]; for crop methods the distance is the nearest
+        crop's."""
+        k = self.searched_k if k is None else min(k, self.searched_k)
+        predictions = self.searched_predictions[..., :k]
+        distances = self.searched_distances[..., :k]
+        if self.merge_predictions is None:
+            return predictions, distances
+        merged = self.merge_predictions(predictions, distances, k, self.majority_weight)
+        return merged, nearest_crop_distances(predictions, distances, merged)
 
 
 def retrieve(args, database_paths, queries_paths, model, test_method="hard_resize", pca=None, k=None,
              on_descriptors=None):
-    """Describe database and queries with `model` and find each query's `k` nearest database images
+    """Describe database and queries with `model` and search each query's `k` nearest database images
     (k defaults to max(args.recall_values); it is clamped to the database size).
 
     The database is always hard-resized; queries are processed as `test_method` says. With
@@ -328,33 +347,38 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
         del database_descriptors
         search_seconds = time.perf_counter() - search_start
 
-    search_start = time.perf_counter()
     if method.merge_predictions is not None:
-        crops_num = queries_descriptors.shape[1]
-        predictions = predictions.reshape(len(queries_paths), crops_num, k)
-        distances = distances.reshape(len(queries_paths), crops_num, k)
-        merged = method.merge_predictions(predictions, distances, k, args.majority_weight)
-        distances = nearest_crop_distances(predictions, distances, merged)
-        predictions = merged
-    search_seconds += time.perf_counter() - search_start
-    return Retrieval(predictions, distances, extraction_seconds, search_seconds)
+        predictions = predictions.reshape(queries_descriptors.shape[:2] + (k,))
+        distances = distances.reshape(queries_descriptors.shape[:2] + (k,))
+    return Retrieval(predictions, distances, method.merge_predictions, args.majority_weight, extraction_seconds,
+                     search_seconds)
 
 
 @dataclass
 class Evaluation:
-    """Recalls (percent, by N) of one dataset with what produced them."""
+    """Recalls (percent, by N) of one dataset, the top-max(recall_values) predictions and squared distances
+    that gave them, and the whole retrieval (see Retrieval.top for other k)."""
     recalls: dict
     recalls_str: str
+    predictions: np.ndarray
+    distances: np.ndarray
     retrieval: Retrieval
+    extraction_seconds: float
+    search_seconds: float
 
 
-def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, on_descriptors=None):
-    """`retrieve` on a GeoDataset, then Recall@N for each N of args.recall_values."""
+def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, on_descriptors=None):
+    """`retrieve` on a GeoDataset (searching at least `k`), then Recall@N for each N of args.recall_values."""
+    recall_k = max(args.recall_values)
     retrieval = retrieve(args, eval_ds.database_paths, eval_ds.queries_paths, model, test_method, pca,
-                         on_descriptors=on_descriptors)
-    recalls = compute_recalls(retrieval.predictions, eval_ds.soft_positives_per_query, args.recall_values)
+                         max(k or recall_k, recall_k), on_descriptors)
+    merge_start = time.perf_counter()
+    predictions, distances = retrieval.top(recall_k)
+    search_seconds = retrieval.search_seconds + time.perf_counter() - merge_start
+    recalls = compute_recalls(predictions, eval_ds.soft_positives_per_query, args.recall_values)
     recalls_by_n = {int(n): float(recall) for n, recall in zip(args.recall_values, recalls)}
-    return Evaluation(recalls_by_n, recalls_to_str(args.recall_values, recalls), retrieval)
+    return Evaluation(recalls_by_n, recalls_to_str(args.recall_values, recalls), predictions, distances, retrieval,
+                      retrieval.extraction_seconds, search_seconds)
 
 
 def test(args, eval_ds, model, test_method="hard_resize", pca=None):

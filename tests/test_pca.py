@@ -119,4 +119,4 @@ def test_pca_is_applied_to_database_and_queries(pca_folder, test_method):
             assert descriptor.shape[-1] == 2 and descriptor.dtype == np.float32
             np.testing.assert_allclose(descriptor, pca.transform(raw[kind][index].reshape(-1, 4)).reshape(
                 descriptor.shape), atol=1e-5)
-    assert retrieval.predictions.shape == (3, 4)
+    assert retrieval.top()[0].shape == (3, 4)

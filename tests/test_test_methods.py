@@ -84,16 +84,17 @@ RECALL_VALUES_CASES = [[1], [1, 3], [1, 5, 10], [1, 5, 10, 20], [2, 11, 50]]
 def test_each_method_finds_the_known_answer_with_any_recall_values(world, test_method, recall_values):
     dataset, index_of = world
     args = make_args(recall_values=recall_values)
-    retrieval = vg_test.retrieve(args, dataset.database_paths, dataset.queries_paths, MeanColour(), test_method)
+    predictions, distances = vg_test.retrieve(args, dataset.database_paths, dataset.queries_paths, MeanColour(),
+                                              test_method).top()
     k = min(max(recall_values), dataset.database_num)
-    assert retrieval.predictions.shape == retrieval.distances.shape == (2, k)
-    assert retrieval.predictions[0, 0] == index_of[STRIPED_TOP1[test_method]]
-    assert retrieval.predictions[1, 0] == index_of["g100"]
-    assert retrieval.distances[1, 0] == pytest.approx(0, abs=1e-6)
-    for row in retrieval.predictions:  # every database image at most once per query
+    assert predictions.shape == distances.shape == (2, k)
+    assert predictions[0, 0] == index_of[STRIPED_TOP1[test_method]]
+    assert predictions[1, 0] == index_of["g100"]
+    assert distances[1, 0] == pytest.approx(0, abs=1e-6)
+    for row in predictions:  # every database image at most once per query
         assert len(set(row.tolist())) == k
     if test_method != "maj_voting":  # voting reorders by adjusted distances, not by the reported ones
-        assert np.all(np.diff(retrieval.distances, axis=1) >= 0)
+        assert np.all(np.diff(distances, axis=1) >= 0)
 
     recalls, recalls_str = vg_test.test(args, dataset, MeanColour(), test_method)
     assert list(recalls) == recall_values
@@ -114,12 +115,12 @@ def test_recall_at_1_per_method(world):
 
 def test_majority_voting_without_weight_is_nearest_crop(world):
     dataset, index_of = world
-    retrieval = vg_test.retrieve(make_args(majority_weight=0.0), dataset.database_paths, dataset.queries_paths,
-                                 MeanColour(), "maj_voting")
-    reference = vg_test.retrieve(make_args(), dataset.database_paths, dataset.queries_paths, MeanColour(),
-                                 "nearest_crop")
-    np.testing.assert_array_equal(retrieval.predictions, reference.predictions)
-    assert retrieval.predictions[0, 0] == index_of["g061"]
+    predictions, _ = vg_test.retrieve(make_args(majority_weight=0.0), dataset.database_paths,
+                                      dataset.queries_paths, MeanColour(), "maj_voting").top()
+    reference, _ = vg_test.retrieve(make_args(), dataset.database_paths, dataset.queries_paths, MeanColour(),
+                                    "nearest_crop").top()
+    np.testing.assert_array_equal(predictions, reference)
+    assert predictions[0, 0] == index_of["g061"]
 
 
 def test_five_crops_descriptor_is_the_mean_of_its_crops(world):
@@ -197,6 +198,22 @@ def test_merges_work_for_any_crop_count_and_k(crops_num, k, top_k):
         assert merged[q].tolist() == sorted(best, key=lambda p: best[p])[:top_k]
 
 
+@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+def test_top_k_of_a_deeper_search_equals_a_search_for_k(world, test_method):
+    """eval.py searches deeper than max(recall_values) for --save_predictions K; the recalls must not change
+    (majority voting looks at the first 10 predictions of each crop, so it depends on k)."""
+    dataset, _ = world
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    deep = vg_test.retrieve(make_args(majority_weight=0.5), dataset.database_paths, dataset.queries_paths, model,
+                            test_method, k=11)
+    for k in (1, 3, 5, 10):
+        shallow = vg_test.retrieve(make_args(recall_values=[k], majority_weight=0.5), dataset.database_paths,
+                                   dataset.queries_paths, model, test_method)
+        for got, expected in zip(deep.top(k), shallow.top()):
+            np.testing.assert_array_equal(got, expected)
+
+
 # ---------------------------------------------------------------------------------------------- low-RAM path
 
 @pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
@@ -211,8 +228,10 @@ def test_efficient_ram_testing_gives_the_same_results(world, test_method, monkey
             monkeypatch.setattr(vg_test, "STREAMING_CHUNK_SIZE", chunk_size)
             streamed = vg_test.retrieve(make_args(recall_values=recall_values, efficient_ram_testing=True),
                                         dataset.database_paths, dataset.queries_paths, model, test_method)
-            np.testing.assert_array_equal(streamed.predictions, reference.predictions)
-            np.testing.assert_array_equal(streamed.distances, reference.distances)
+            np.testing.assert_array_equal(streamed.searched_predictions, reference.searched_predictions)
+            np.testing.assert_array_equal(streamed.searched_distances, reference.searched_distances)
+            for got, expected in zip(streamed.top(), reference.top()):
+                np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 7, 1000, 2048])
