@@ -141,6 +141,11 @@ def build_parser():
                        help="Random resized crop: the smallest kept fraction of the image is 1 - this, in [0, 1)")
     group.add_argument("--random_rotation", type=float, default=0, help="Random rotation, in degrees")
 
+    group = parser.add_argument_group("training speed")
+    group.add_argument("--use_amp", action="store_true",
+                       help="Mixed precision for training and feature caching: bfloat16 autocast (float16 with "
+                            "loss scaling on GPUs without bfloat16)")
+
     group = parser.add_argument_group("paths")
     group.add_argument("--datasets_folder", type=str, default=None,
                        help=f"Folder with the datasets; else ${DATASETS_FOLDER_ENV}, else the demo's "
