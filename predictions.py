@@ -92,7 +92,7 @@ def save_prediction_pictures(folder, query_indices, queries_paths, database_path
         correct = positives_mask[q] if positives_mask is not None else [None] * len(predictions[q])
         captions = []
         for rank, (d, distance) in enumerate(zip(predictions[q], l2_distances(distances[q])), start=1):
-            caption = f"{rank}: {distance:.3f}"
+            caption = f"{rank}. d={distance:.3f}"
             if queries_utms is not None:
                 caption += f", {np.hypot(*(queries_utms[q] - database_utms[d])):.0f} m"
             captions.append(caption)

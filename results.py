@@ -15,8 +15,6 @@ import sys
 import tempfile
 from datetime import datetime
 
-import torch
-
 RESULTS_FILENAME = "results.json"
 RESULT_LINE_PREFIX = "RESULT "
 SCHEMA_VERSION = 1
@@ -53,6 +51,7 @@ def _git_commit():
 
 def environment():
     """Versions and hardware, so that numbers from different machines are not compared blindly."""
+    import torch  # imported here: reading results (tools/gather_results.py) needs no torch
     versions = {"python": platform.python_version()}
     for name in ("torch", "torchvision", "faiss", "numpy", "sklearn"):
         versions[name] = _package_version(name)
@@ -156,7 +155,9 @@ def main_split(results):
 def summary(results):
     """The flat summary of a results dict: dataset, split, R@N..., descriptor size, FLOPs, timings, run folder."""
     split = main_split(results)
-    dataset = results.get("datasets", {}).get(split, {})
+    datasets = results.get("datasets", {})
+    # Without recalls (matching folders) the first dataset entry describes the run
+    dataset = datasets.get(split) or next(iter(datasets.values()), {})
     line = {"script": results.get("script"), "dataset": dataset.get("name"), "split": split}
     line.update(results.get("recalls", {}).get(split, {}))
     line.update({"descriptor_size": results.get("descriptor_size"), "flops": results.get("flops")})

@@ -1,0 +1,125 @@
+"""Evaluate a model: Recall@N on the test split of a dataset, or, without coordinates, each query's top-K
+matches in a folder of database images ("where was this photo taken").
+
+    python eval.py --datasets_folder DIR --dataset_name pitts30k --backbone resnet18conv4 --aggregation netvlad \
+        --resume resnet18-netvlad-partial-pitts30k
+    python eval.py --resume model.pth --queries_folder photos/ --database_folder reference/ --save_predictions 5
+
+Every run writes logs/<save_dir>/<date_time>/{info.log, debug.log, results.json} and ends with one
+`RESULT {...}` line on stdout.
+"""
+import logging
+import os
+from datetime import datetime, timedelta
+
+import commons
+import datasets_ws
+import network
+import parser
+import pca as vg_pca
+import predictions
+import results
+import test
+import util
+from commons import UserInputError
+
+LOGS_FOLDER = "logs"
+# Model-zoo checkpoints named by --resume are downloaded here once
+MODEL_ZOO_FOLDER = os.path.join(network.WEIGHTS_FOLDER, "model_zoo")
+
+
+def load_resume(args, model):
+    """--resume: our checkpoints, the original's files and model-zoo names (downloaded once)."""
+    path = util.resolve_resume(args.resume, MODEL_ZOO_FOLDER)
+    state_dict = util.load_state_dict_file(path, trusted=args.trust_checkpoint)
+    util.load_model_weights(model, state_dict, source=path)
+    logging.info(f"Loaded the model weights from {path}")
+
+
+def folder_images(folder, flag):
+    paths = datasets_ws.find_images(folder)
+    if not paths:
+        raise UserInputError(f"--{flag} {folder}: no images there (looked for "
+                             f"{', '.join(datasets_ws.IMAGE_EXTENSIONS)} files, recursively)")
+    return paths
+
+
+def elapsed(start_time):
+    return timedelta(seconds=round((datetime.now() - start_time).total_seconds()))
+
+
+def main():
+    # Setup
+    start_time = datetime.now()
+    args = parser.parse_arguments()
+    output_folder = commons.make_run_folder(LOGS_FOLDER, args.save_dir, start_time)
+    commons.setup_logging(output_folder)
+    commons.log_command_and_arguments(args)
+    commons.make_deterministic(args.seed)
+    logging.info(f"The outputs are being saved in {output_folder}")
+
+    # Model
+    model = network.build_model(args)
+    if args.resume is not None:
+        load_resume(args, model)
+    model = model.to(args.device)
+    pca = vg_pca.compute_pca(args, model) if args.pca_dim is not None else None
+    descriptor_size = args.pca_dim if pca is not None else model.features_dim
+
+    # Data
+    if args.queries_folder is not None:
+        database_paths = folder_images(args.database_folder, "database_folder")
+        queries_paths = folder_images(args.queries_folder, "queries_folder")
+        test_ds = None
+        datasets = {"folders": {"database_folder": os.path.abspath(args.database_folder),
+                                "queries_folder": os.path.abspath(args.queries_folder),
+                                "database_num": len(database_paths), "queries_num": len(queries_paths)}}
+        logging.info(f"Matching {len(queries_paths)} queries of {args.queries_folder} against "
+                     f"{len(database_paths)} database images of {args.database_folder}")
+    else:
+        test_ds = datasets_ws.GeoDataset(args.datasets_folder, args.dataset_name, "test",
+                                         args.val_positive_dist_threshold)
+        database_paths, queries_paths = test_ds.database_paths, test_ds.queries_paths
+        datasets = {"test": test_ds}
+        logging.info(f"Test set: {test_ds}")
+
+    # Test
+    writer = (predictions.DescriptorWriter(output_folder, database_paths, queries_paths)
+              if args.save_descriptors else None)
+    recalls_by_split = {}
+    if test_ds is None:
+        top_k = args.save_predictions or max(args.recall_values)
+        retrieval = test.retrieve(args, database_paths, queries_paths, model, args.test_method, pca, top_k,
+                                  on_descriptors=writer)
+        extraction_seconds, search_seconds = retrieval.extraction_seconds, retrieval.search_seconds
+        top_predictions, top_distances = retrieval.top(top_k)
+        predictions.log_matches(queries_paths, database_paths, top_predictions, top_distances)
+        predictions.save_predictions(output_folder, queries_paths, database_paths, top_predictions, top_distances,
+                                     args.seed)
+    else:
+        evaluation = test.evaluate(args, test_ds, model, args.test_method, pca, k=args.save_predictions,
+                                   on_descriptors=writer)
+        extraction_seconds, search_seconds = evaluation.extraction_seconds, evaluation.search_seconds
+        recalls_by_split["test"] = evaluation.recalls
+        logging.info(f"Recalls on {test_ds}: {evaluation.recalls_str}")
+        if args.save_predictions is not None:
+            top_predictions, top_distances = evaluation.retrieval.top(args.save_predictions)
+            predictions.save_predictions(
+                output_folder, queries_paths, database_paths, top_predictions, top_distances, args.seed,
+                test_ds.soft_positives_per_query,
+                test.positives_mask(top_predictions, test_ds.soft_positives_per_query),
+                test_ds.queries_utms, test_ds.database_utms)
+    if writer is not None:
+        writer.close()
+
+    # Results
+    timings = {"extraction_seconds": extraction_seconds, "search_seconds": search_seconds,
+               "total_seconds": (datetime.now() - start_time).total_seconds()}
+    run_results = results.write_results(output_folder, args, model, recalls_by_split, timings, datasets,
+                                        descriptor_size, script="eval.py", start_time=start_time)
+    logging.info(f"Finished in {elapsed(start_time)}")
+    results.print_result_line(run_results)
+
+
+if __name__ == "__main__":
+    commons.exit_on_user_error(main)

@@ -1,0 +1,81 @@
+"""tools/gather_results.py: many results.json files into one Markdown / CSV table."""
+import csv
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import results
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import gather_results  # noqa: E402  (a tool script, imported from its folder)
+
+
+def _write_run(folder, recalls_by_split, backbone="resnet18conv4", lr=1e-5, flops=2_000_000_000, script="eval.py"):
+    os.makedirs(folder)
+    args = SimpleNamespace(backbone=backbone, aggregation="netvlad", fc_output_dim=None, pca_dim=None,
+                           test_method="hard_resize", resize=[480, 640], lr=lr)
+    datasets = {split: {"name": "pitts30k", "split": split, "database_num": 10, "queries_num": 5}
+                for split in recalls_by_split}
+    content = results.build_results(args, recalls_by_split, {"extraction_seconds": 12.34, "search_seconds": 0.5,
+                                                             "total_seconds": 20.0},
+                                    datasets, 16384, flops=flops, params=11_000_000, output_folder=folder,
+                                    script=script)
+    results.write_json_atomically(os.path.join(folder, "results.json"), content)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    _write_run(str(tmp_path / "sweep" / "a" / "2024-01-01_00-00-00"), {"test": {1: 40.0, 5: 60.0, 10: 70.0}})
+    _write_run(str(tmp_path / "sweep" / "b" / "2024-01-02_00-00-00"), {"val": {1: 55.0, 5: 65.0},
+                                                                       "test": {1: 50.0, 5: 66.6666}},
+               backbone="resnet50conv4", lr=1e-4, flops=None, script="train.py")
+    (tmp_path / "sweep" / "broken").mkdir()
+    (tmp_path / "sweep" / "broken" / "results.json").write_text("{ not json")  # a run killed mid-write (old tools)
+    return tmp_path
+
+
+def test_one_row_per_run_with_flags_recalls_and_costs(runs):
+    rows = gather_results.main([str(runs / "sweep"), "--columns", "lr", "--output", str(runs / "table")])
+    assert len(rows) == 2
+    first, second = rows
+    assert first["backbone"] == "resnet18conv4" and second["backbone"] == "resnet50conv4"
+    assert first["resize"] == "480x640" and first["lr"] == 1e-5 and second["lr"] == 1e-4
+    assert (first["R@1"], first["R@5"], first["R@10"]) == (40.0, 60.0, 70.0)
+    assert (second["split"], second["R@1"], second["R@5"], second["R@10"]) == ("test", 50.0, 66.67, "")
+    assert first["GFLOPs"] == 2.0 and second["GFLOPs"] == "" and first["params_M"] == 11.0
+    assert first["descriptor_size"] == 16384 and first["extraction_s"] == 12.3 and first["search_s"] == 0.5
+
+    with open(runs / "table.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    assert [row["R@1"] for row in table] == ["40.0", "50.0"]
+    assert list(table[0])[:4] == ["run", "script", "dataset", "split"]
+    markdown = (runs / "table.md").read_text().splitlines()
+    assert markdown[0].startswith("| run | script | dataset | split | backbone |") and "| R@1 |" in markdown[0]
+    assert markdown[1].startswith("|---|") and len(markdown) == 4
+
+
+def test_split_and_sort(runs):
+    rows = gather_results.main([str(runs / "sweep"), "--split", "val", "--sort", "R@1"])
+    assert [(row["backbone"], row["R@1"]) for row in rows] == [("resnet50conv4", 55.0), ("resnet18conv4", "")]
+
+
+def test_bad_sort_column_and_missing_folder_are_clear_errors(runs, capsys):
+    with pytest.raises(SystemExit):
+        gather_results.main([str(runs / "sweep"), "--sort", "R@2"])
+    assert "--sort R@2: no such column" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gather_results.main([str(runs / "nowhere")])
+    assert "is neither a folder nor a results file" in capsys.readouterr().err
+
+
+def test_runs_as_a_script(runs):
+    completed = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gather_results.py"), "sweep"],
+                               cwd=runs, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert len(lines) == 4 and "sweep/a/2024-01-01_00-00-00" in lines[2]
+    assert "Skipping" in completed.stderr and "broken" in completed.stderr

@@ -1,0 +1,145 @@
+"""Gather the results.json files of many runs into one table, as Markdown (printed, and saved with --output)
+and CSV (saved with --output): one row per run with its key flags, recalls, descriptor size, FLOPs and times.
+
+    python tools/gather_results.py logs/sweep_lr logs/sweep_mining --output sweep --columns lr mining
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root's modules
+
+import argparse
+import csv
+import json
+import logging
+
+from results import RESULTS_FILENAME, main_split, read_results
+
+# Flags that tell runs apart in most sweeps; --columns adds more
+KEY_FLAGS = ("backbone", "aggregation", "fc_output_dim", "pca_dim", "test_method", "resize")
+
+
+def find_results_files(folders):
+    """Every results.json under the given folders (recursively) or given directly, sorted, without repeats."""
+    found = set()
+    for folder in folders:
+        if os.path.isfile(folder):
+            found.add(os.path.abspath(folder))
+            continue
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder} is neither a folder nor a results file")
+        for root, _, files in os.walk(folder):
+            if RESULTS_FILENAME in files:
+                found.add(os.path.abspath(os.path.join(root, RESULTS_FILENAME)))
+    return sorted(found)
+
+
+def load_all(paths):
+    """(path, results) of every readable file; unreadable ones are reported and skipped."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, read_results(path)))
+        except (OSError, json.JSONDecodeError) as error:
+            logging.warning(f"Skipping {path}: {error}")
+    return loaded
+
+
+def _flag_value(value):
+    if isinstance(value, list):
+        return "x".join(str(v) for v in value)
+    return "" if value is None else value
+
+
+def _number(value, digits):
+    return "" if value is None else round(value, digits)
+
+
+def table_rows(loaded, extra_flags=(), split=None):
+    """One dict per run: run, script, dataset, split, key flags, R@N (the union of every run's N, in order),
+    descriptor size, GFLOPs, parameters (millions), extraction / search / total seconds."""
+    recall_keys = sorted({key for _, results in loaded for recalls in results.get("recalls", {}).values()
+                          for key in recalls}, key=lambda key: int(key[2:]))
+    rows = []
+    for path, results in loaded:
+        run_split = split or main_split(results)
+        arguments = results.get("arguments", {})
+        datasets = results.get("datasets", {})
+        dataset = datasets.get(run_split) or next(iter(datasets.values()), {})
+        row = {"run": os.path.relpath(os.path.dirname(path)), "script": results.get("script", ""),
+               "dataset": dataset.get("name", ""), "split": run_split or ""}
+        for flag in (*KEY_FLAGS, *extra_flags):
+            row[flag] = _flag_value(arguments.get(flag))
+        recalls = results.get("recalls", {}).get(run_split, {})
+        for key in recall_keys:
+            row[key] = _number(recalls.get(key), 2)
+        flops, params = results.get("flops"), results.get("params")
+        timings = results.get("timings", {})
+        row.update({"descriptor_size": _flag_value(results.get("descriptor_size")),
+                    "GFLOPs": _number(flops / 1e9 if flops is not None else None, 2),
+                    "params_M": _number(params / 1e6 if params is not None else None, 2),
+                    "extraction_s": _number(timings.get("extraction_seconds"), 1),
+                    "search_s": _number(timings.get("search_seconds"), 2),
+                    "total_s": _number(timings.get("total_seconds"), 1)})
+        rows.append(row)
+    return rows
+
+
+def sort_rows(rows, column):
+    """Rows by `column`, largest first for numbers (e.g. R@1), alphabetical for text; blanks last."""
+    numbers = [row for row in rows if isinstance(row.get(column), (int, float))]
+    others = [row for row in rows if not isinstance(row.get(column), (int, float))]
+    return sorted(numbers, key=lambda row: -row[column]) + sorted(others, key=lambda row: str(row.get(column, "")))
+
+
+def to_markdown(rows):
+    if not rows:
+        return "(no results)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(str(row[c]).replace("|", "\\|") for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["run"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("folders", nargs="*", default=["logs"],
+                        help="Folders searched recursively for results.json (or results.json files themselves)")
+    parser.add_argument("--output", default=None,
+                        help="Also write the table as <output>.md and <output>.csv")
+    parser.add_argument("--columns", nargs="+", default=[], metavar="FLAG",
+                        help=f"Flags shown besides {', '.join(KEY_FLAGS)}")
+    parser.add_argument("--split", default=None,
+                        help="Recalls of this split (e.g. val); default: test when present, else the last")
+    parser.add_argument("--sort", default=None, metavar="COLUMN", help="Sort by this column, e.g. R@1")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.INFO)
+    try:
+        paths = find_results_files(args.folders)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    rows = table_rows(load_all(paths), args.columns, args.split)
+    if args.sort:
+        if rows and args.sort not in rows[0]:
+            parser.error(f"--sort {args.sort}: no such column; columns: {', '.join(rows[0])}")
+        rows = sort_rows(rows, args.sort)
+    markdown = to_markdown(rows)
+    print(markdown, end="")
+    if args.output:
+        with open(f"{args.output}.md", "w") as file:
+            file.write(markdown)
+        write_csv(f"{args.output}.csv", rows)
+        logging.info(f"{len(rows)} runs written to {args.output}.md and {args.output}.csv")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
