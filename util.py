@@ -5,6 +5,7 @@ weights; model zoo (--resume by name); off-the-shelf models; FLOPs and parameter
 """
 import collections
 import copy
+import functools
 import logging
 import os
 import pickle
@@ -122,16 +123,24 @@ def _numpy_safe_globals():
     return safe
 
 
+# What torch's weights_only unpickler says when a file names classes or functions it does not allow
+# (as opposed to bytes that are not a pickle at all: "Unsupported operand", EOF...)
+_NEEDS_CODE_MARKERS = ("Unsupported global", "Trying to load unsupported GLOBAL", "Can only create new object",
+                       "Trying to call reduce", "Can only build")
+
+
 def _is_weights_only_refusal(error):
-    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error)
+    """True when weights_only loading failed because the file needs code to unpickle."""
+    message = str(error)
+    return isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in message and \
+        any(marker in message for marker in _NEEDS_CODE_MARKERS)
 
 
 def _refusal_reason(error):
-    """The 'Unsupported global: ...' line of torch's weights_only refusal, without its advice."""
-    for line in str(error).splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
-    return str(error).splitlines()[0]
+    """One line about a loading error; for torch's weights_only refusal, the 'Unsupported global: ...' part
+    without its advice."""
+    message = str(error).split("WeightsUnpickler error:", 1)[-1].strip() or str(error)
+    return f"{type(error).__name__}: " + message.split(". Please use")[0].splitlines()[0].strip()
 
 
 def read_checkpoint(path, trusted=False):
@@ -148,20 +157,22 @@ def read_checkpoint(path, trusted=False):
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if not _is_weights_only_refusal(error):
-            raise CheckpointError(f"Cannot read {path} as a PyTorch checkpoint: it is truncated, corrupted or "
-                                  f"not a checkpoint ({type(error).__name__}: {error})") from error
-        if not trusted:
+        if trusted:  # full unpickling below also reads pickle features weights_only does not support
+            first_error = error
+        elif _is_weights_only_refusal(error):
             raise CheckpointError(
                 f"{path} holds Python objects that need arbitrary code to unpickle "
                 f"({_refusal_reason(error)}), so it is not loaded: a malicious file could run code. "
                 "If you trust where the file comes from, pass --trust_checkpoint to load it anyway") from error
-    logging.warning(f"Loading {path} with full unpickling (--trust_checkpoint)")
+        else:
+            raise CheckpointError(f"Cannot read {path} as a PyTorch checkpoint: it is truncated, corrupted or "
+                                  f"not a checkpoint ({_refusal_reason(error)})") from error
+    logging.warning(f"Loading {path} with full unpickling (--trust_checkpoint): {_refusal_reason(first_error)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"Cannot read {path} even with --trust_checkpoint "
-                              f"({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"Cannot read {path} as a PyTorch checkpoint: it is truncated, corrupted or not a "
+                              f"checkpoint ({_refusal_reason(error)})") from error
 
 
 def extract_state_dict(checkpoint, source):
@@ -327,6 +338,7 @@ class _InertObject:
         pass
 
 
+@functools.lru_cache(maxsize=None)
 def _inert_allowed_globals():
     allowed = {"collections.OrderedDict": collections.OrderedDict, "torch.Size": torch.Size}
     for name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"):
@@ -359,15 +371,13 @@ def read_checkpoint_with_inert_objects(path):
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        if not _is_weights_only_refusal(error):
-            raise CheckpointError(f"Cannot read {path}: it is truncated, corrupted or not a checkpoint "
-                                  f"({type(error).__name__}: {error}); delete it to download it again") from error
+    except Exception:
+        pass  # objects (or pickle instructions) that weights_only loading does not accept: read below
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
     except Exception as error:
-        raise CheckpointError(f"Cannot read {path} ({type(error).__name__}: {error}); delete it to "
-                              "download it again") from error
+        raise CheckpointError(f"Cannot read {path}: it is truncated, corrupted or not a checkpoint "
+                              f"({_refusal_reason(error)}); delete it to download it again") from error
 
 
 def map_state_dict_in_order(model_state_dict, source_state_dict, source):

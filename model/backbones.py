@@ -57,17 +57,18 @@ _TORCHVISION_CNNS = {
 
 def _torchvision_cnn(architecture, pretrain, weights_folder, trusted):
     """A whole torchvision classifier with the requested weights (the original's `pretrained=True` is
-    the IMAGENET1K_V1 weights; places / gldv2 are classifiers with 365 / 512 classes)."""
+    the IMAGENET1K_V1 weights; places / gldv2 are classifiers with 365 / 512 classes). The weights are
+    fetched before building, so that missing ones fail fast."""
     constructor, imagenet_weights = _TORCHVISION_CNNS[architecture]
-    if pretrain in zoo.PRETRAIN_NUM_CLASSES:
-        model = constructor(weights=None, num_classes=zoo.PRETRAIN_NUM_CLASSES[pretrain])
-        util.load_model_weights(model, util.pretrained_net_state_dict(f"{architecture}_{pretrain}", weights_folder,
-                                                                           trusted),
-                                source=f"the {architecture}_{pretrain} weights")
-    else:
+    if pretrain == "none":
+        return constructor(weights=None)
+    if pretrain == "imagenet":
+        state_dict = util.torchvision_state_dict(imagenet_weights, trusted)
         model = constructor(weights=None)
-        if pretrain == "imagenet":
-            model.load_state_dict(util.torchvision_state_dict(imagenet_weights, trusted))
+    else:
+        state_dict = util.pretrained_net_state_dict(f"{architecture}_{pretrain}", weights_folder, trusted)
+        model = constructor(weights=None, num_classes=zoo.PRETRAIN_NUM_CLASSES[pretrain])
+    util.load_model_weights(model, state_dict, source=f"the {architecture} {pretrain} weights")
     return model
 
 
@@ -117,9 +118,10 @@ def _build_cct384(*, pretrain, weights_folder, trunc_te=None, freeze_te=None, im
     """CCT-14/7x2 at 384x384; returns tokens [N, 576, 384], or the sequence-pooled vector [N, 384]
     when `pooled_output` (aggregations cls and seqpool)."""
     _check_pretrain("cct384", pretrain, ("imagenet", "none"))
+    state_dict = util.cct384_imagenet_state_dict(trusted) if pretrain == "imagenet" else None
     backbone = cct_14_7x2_384(pooled_output=pooled_output)
-    if pretrain == "imagenet":
-        util.load_model_weights(backbone, util.cct384_imagenet_state_dict(trusted), source="the CCT ImageNet weights")
+    if state_dict is not None:
+        util.load_model_weights(backbone, state_dict, source="the CCT ImageNet weights")
     classifier = backbone.classifier
     if trunc_te:
         logging.debug(f"Truncate CCT at transformer encoder {trunc_te}")
@@ -161,10 +163,12 @@ def _build_vit(*, pretrain, weights_folder, trunc_te=None, freeze_te=None, image
     _check_pretrain("vit", pretrain, ("imagenet", "none"))
     if image_size not in VIT_IMAGE_SIZES:
         raise UserInputError(f"ViT needs square images of {' or '.join(map(str, VIT_IMAGE_SIZES))} pixels, "
-                                  f"got {image_size}; use --resize 224 224 or --resize 384 384")
+                             f"got {image_size}; use --resize 224 224 or --resize 384 384")
+    state_dict = util.torchvision_state_dict(_VIT_IMAGENET_WEIGHTS[image_size], trusted) \
+        if pretrain == "imagenet" else None
     vit = torchvision.models.vit_b_16(weights=None, image_size=image_size)
-    if pretrain == "imagenet":
-        vit.load_state_dict(util.torchvision_state_dict(_VIT_IMAGENET_WEIGHTS[image_size], trusted))
+    if state_dict is not None:
+        util.load_model_weights(vit, state_dict, source="the ViT ImageNet weights")
     vit.heads = nn.Sequential()  # no classification head
     encoder_layers = vit.encoder.layers  # Sequential of encoder_layer_0, encoder_layer_1...
     if trunc_te:
