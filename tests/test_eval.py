@@ -164,7 +164,9 @@ def test_matching_folders_without_coordinates(tmp_path):
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == ["query_index", "query_path", "rank", "database_index", "database_path", "distance"]
     assert len(rows) == 6 and all(row["database_path"].startswith("reference") for row in rows)
-    assert len([n for n in os.listdir(os.path.join(run_results["run_folder"], "predictions")) if n.endswith(".png")]) == 3
+    pictures = [name for name in os.listdir(os.path.join(run_results["run_folder"], "predictions"))
+                if name.endswith(".png")]
+    assert len(pictures) == 3
 
 
 def test_a_missing_checkpoint_is_a_clear_error():
