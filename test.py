@@ -211,8 +211,8 @@ class StreamingExactSearch:
     """Exact search with a running top-k over database descriptors given in order, a chunk at a time.
 
     Memory holds the queries, one chunk of the database and the running results, never the whole database.
-    The chunk is a multiple of faiss' database block, so every distance is computed exactly as
-    `exact_search` computes it; ties are kept in database order as faiss does: the results are identical.
+    The default chunk is faiss' own database block, so every distance is computed exactly as `exact_search`
+    computes it; ties are kept in database order as faiss does: the results are identical.
     """
 
     def __init__(self, queries_descriptors, k, chunk_size=None):
