@@ -12,6 +12,7 @@ import pickle
 import shutil
 import types
 import uuid
+import warnings
 import zipfile
 
 import numpy as np
@@ -143,6 +144,13 @@ def _refusal_reason(error):
     return f"{type(error).__name__}: " + message.split(". Please use")[0].splitlines()[0].strip()
 
 
+def _load_weights_only(path):
+    with torch.serialization.safe_globals(_numpy_safe_globals()), warnings.catch_warnings():
+        # torch warns about pickle protocols it may not read; a failure is handled by the callers
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path, trusted=False):
     """torch.load a file safely (weights_only, on the CPU) with clear errors.
 
@@ -154,8 +162,7 @@ def read_checkpoint(path, trusted=False):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"Checkpoint {path} is empty (an interrupted download or copy?); fetch it again")
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_weights_only(path)
     except Exception as error:
         if trusted:  # full unpickling below also reads pickle features weights_only does not support
             first_error = error
@@ -369,8 +376,7 @@ def read_checkpoint_with_inert_objects(path):
     an inert placeholder and the tensors load normally; only the state dict is used.
     """
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return _load_weights_only(path)
     except Exception:
         pass  # objects (or pickle instructions) that weights_only loading does not accept: read below
     try:

@@ -104,7 +104,8 @@ def test_url_download_checks_the_hash_and_leaves_nothing_partial(tmp_path):
     target_folder = tmp_path / "cache"
 
     path = util.fetch_url(good.as_uri(), str(target_folder / good.name), what="test weights")
-    assert open(path, "rb").read() == content
+    with open(path, "rb") as file:
+        assert file.read() == content
     with pytest.raises(util.WeightsUnavailableError, match="invalid hash value"):
         util.fetch_url(bad.as_uri(), str(target_folder / bad.name), what="test weights")
     assert sorted(os.listdir(target_folder)) == [good.name]  # no file, no partial one, for the bad download
