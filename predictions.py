@@ -50,8 +50,10 @@ def write_predictions_csv(path, rows):
         writer.writerows(rows)
 
 
-def sample_queries(queries_num, seed, sample_size=PICTURED_QUERIES_NUM):
-    """A seeded sample of query indices (all of them when there are few), in order."""
+def sample_queries(queries_num, seed, sample_size=None):
+    """A seeded sample of `sample_size` (default PICTURED_QUERIES_NUM) query indices, all of them when there are
+    few, in order."""
+    sample_size = sample_size or PICTURED_QUERIES_NUM
     if queries_num <= sample_size:
         return list(range(queries_num))
     return sorted(np.random.default_rng(seed).choice(queries_num, sample_size, replace=False).tolist())
