@@ -30,9 +30,10 @@ def test_csv_and_pictures_with_positives(tmp_path):
                                           positives, mask, utms[:2], utms)
     with open(os.path.join(folder, "predictions.csv"), newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [(r["query_index"], r["rank"], r["database_index"], r["distance"], r["is_positive"], r["utm_distance_m"])
-            for r in rows] == [("0", "1", "1", "0.500000", "False", "10.00"), ("0", "2", "0", "1.000000", "True", "0.00"),
-                               ("1", "1", "3", "2.000000", "True", "20.00"), ("1", "2", "2", "3.000000", "True", "10.00")]
+    fields = ("query_index", "rank", "database_index", "distance", "is_positive", "utm_distance_m")
+    assert [tuple(row[field] for field in fields) for row in rows] == [
+        ("0", "1", "1", "0.500000", "False", "10.00"), ("0", "2", "0", "1.000000", "True", "0.00"),
+        ("1", "1", "3", "2.000000", "True", "20.00"), ("1", "2", "2", "3.000000", "True", "10.00")]
     assert rows[0]["query_path"] == queries_paths[0] and rows[0]["database_path"] == database_paths[1]
 
     with Image.open(os.path.join(folder, "query_00000.png")) as picture:
