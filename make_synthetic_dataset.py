@@ -24,6 +24,7 @@ Usage:
     python make_synthetic_dataset.py --datasets_folder data/datasets --dataset_name synthetic
 """
 import argparse
+import colorsys
 import json
 import math
 import multiprocessing
@@ -108,8 +109,6 @@ class World:
         self.segments["length"] = np.linalg.norm(p1 - p0, axis=1)
         normal = self.segments["normal"]
         self.segments["shade"] = 0.72 + 0.28 * np.clip(normal @ self.sun, 0, 1)
-        self.segments["x_lo"] = np.minimum(p0[:, 0], p1[:, 0])
-        self.segments["x_hi"] = np.maximum(p0[:, 0], p1[:, 0])
         self.sprites = _make_sprites(rng, x_min, x_max, self.crossings)
 
 
@@ -123,10 +122,7 @@ def _unit(angle):
 
 
 def _hsv_to_rgb(h, s, v):
-    i = int(h * 6.0) % 6
-    f = h * 6.0 - int(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+    return np.array(colorsys.hsv_to_rgb(h, s, v))
 
 
 def _make_crossings(rng, x_min, x_max):
@@ -138,14 +134,14 @@ def _make_crossings(rng, x_min, x_max):
     return np.array(crossings).reshape(-1, 2)
 
 
-def _building_params(rng, floors_range, width, front):
+def _building_params(rng, floors_range, front):
     floor_h = rng.uniform(2.9, 3.6)
     floors = int(rng.integers(*floors_range))
     win_w = rng.uniform(0.8, 1.8)
     base = _hsv_to_rgb(rng.random(), rng.uniform(0.1, 0.6), rng.uniform(0.45, 0.92))
     frame = (np.array([0.9, 0.9, 0.88]), np.array([0.15, 0.15, 0.15]), base * 0.7)[int(rng.integers(3))]
     return dict(
-        height=floors * floor_h + rng.uniform(0.3, 1.0), width=width, base=base,
+        height=floors * floor_h + rng.uniform(0.3, 1.0), base=base,
         kind=int(rng.integers(4)), floor_h=floor_h, win_w=win_w,
         win_h=rng.uniform(1.1, min(2.2, floor_h - 0.6)),
         win_spacing=win_w + rng.uniform(0.8, 2.5), win_offset=rng.uniform(0, 3.0),
@@ -178,7 +174,7 @@ def _add_front_row(rng, side, x_min, x_max, crossings, buildings, segments):
         facade_y = side * (FACADE_Y_M + (0.0 if rng.random() < 0.7 else rng.uniform(0.5, 2.5)))
         back_y = facade_y + side * rng.uniform(10, 18)
         index = len(buildings)
-        buildings.append(_building_params(rng, (2, 8), width, front=True))
+        buildings.append(_building_params(rng, (2, 8), front=True))
         # Walls face the street: the normal of p0 -> p1 points to its left.
         if side > 0:
             _add_wall(segments, (x + width, facade_y), (x, facade_y), index, True)
@@ -197,7 +193,7 @@ def _add_back_row(rng, side, x_min, x_max, buildings, segments):
     while x < x_max:
         width = rng.uniform(15, 40)
         index = len(buildings)
-        buildings.append(_building_params(rng, (5, 15), width, front=False))
+        buildings.append(_building_params(rng, (5, 15), front=False))
         y = side * BACK_ROW_Y_M
         ends = ((x + width, y), (x, y)) if side > 0 else ((x, y), (x + width, y))
         _add_wall(segments, *ends, index, True)
@@ -355,41 +351,44 @@ def _ground_colours(world, x, y, footprint):
     return np.where(road[:, None], rgb, pavement)
 
 
-def _paint_box(image, depth, depth_value, rows, cols, rgb, mask=None):
-    """Paint an axis-aligned pixel box (clipped to the image), behind nothing nearer than depth_value."""
-    height, width = depth.shape
-    r0, r1 = max(int(math.floor(rows[0])), 0), min(int(math.ceil(rows[1])), height)
-    c0, c1 = max(int(math.floor(cols[0])), 0), min(int(math.ceil(cols[1])), width)
+def _paint_box(view, distance, rows, cols, rgb, mask=None):
+    """Paint an axis-aligned pixel box (clipped to the image) at `distance`, behind anything nearer."""
+    r0, r1 = max(int(math.floor(rows[0])), 0), min(int(math.ceil(rows[1])), view.height)
+    c0, c1 = max(int(math.floor(cols[0])), 0), min(int(math.ceil(cols[1])), view.width)
     if r0 >= r1 or c0 >= c1:
         return
-    visible = depth[r0:r1, c0:c1] > depth_value
+    visible = view.depth[r0:r1, c0:c1] > distance
     if mask is not None:
         visible &= mask(np.arange(r0, r1)[:, None] + 0.5, np.arange(c0, c1)[None, :] + 0.5)
-    image[r0:r1, c0:c1][visible] = rgb
-    depth[r0:r1, c0:c1][visible] = depth_value
+    view.image[r0:r1, c0:c1][visible] = rgb
+    view.depth[r0:r1, c0:c1][visible] = distance
 
 
-def _draw_sprite(image, depth, salt, index, kind, size, rgb, rgb2, s, column, row_of, scale):
-    """Draw one billboard at forward depth s: `row_of(z)` gives the image row of height z, `scale` px per metre."""
+def _draw_sprite(view, salt, kind, size, rgb, rgb2, index, distance, lateral):
+    """Draw one billboard facing the camera, `distance` metres ahead and `lateral` metres to the right."""
+    scale = view.focal / distance  # pixels per metre
+    column = view.cx + lateral * scale
+
     def box(x0, x1, z0, z1, colour, mask=None):
-        _paint_box(image, depth, s, (row_of(z1), row_of(z0)), (column + x0 * scale, column + x1 * scale), colour,
-                   mask)
+        rows = (view.row_of(z1, distance), view.row_of(z0, distance))
+        _paint_box(view, distance, rows, (column + x0 * scale, column + x1 * scale), colour, mask)
 
     if kind == TREE:
         radius_x, radius_z, centre_z, trunk = size
         box(-trunk / 2, trunk / 2, 0, centre_z, rgb2)
-        centre_row, cell = row_of(centre_z), max(0.35 * scale, 1.0)
+        centre_row, cell = view.row_of(centre_z, distance), max(0.35 * scale, 1.0)
+
+        def leaves(rows, cols, key):  # the same leaf pattern from any viewpoint
+            return _hash01(salt + key + index, np.floor((cols - column) / cell) + 0 * rows,
+                           np.floor((rows - centre_row) / cell))
 
         def crown(rows, cols):
             dx, dz = (cols - column) / scale, (centre_row - rows) / scale
-            leaves = _hash01(salt + 6 + index, np.floor((cols - column) / cell) + 0 * rows,
-                             np.floor((rows - centre_row) / cell))
-            return (dx / radius_x) ** 2 + (dz / radius_z) ** 2 < 1.0 - 0.3 * leaves
+            return (dx / radius_x) ** 2 + (dz / radius_z) ** 2 < 1.0 - 0.3 * leaves(rows, cols, 6)
 
         box(-radius_x, radius_x, centre_z - radius_z, centre_z + radius_z, rgb, crown)
         box(-radius_x * 0.5, radius_x * 0.1, centre_z, centre_z + radius_z * 0.6, rgb * 1.25,
-            lambda rows, cols: crown(rows, cols) & (_hash01(salt + 7 + index, np.floor((cols - column) / cell) + 0 * rows,
-                                                            np.floor((rows - centre_row) / cell)) > 0.5))
+            lambda rows, cols: crown(rows, cols) & (leaves(rows, cols, 7) > 0.5))  # sunlit leaves
     elif kind == LAMP:
         pole_height, pole_width = size[0], size[1]
         box(-pole_width / 2, pole_width / 2, 0, pole_height, rgb)
@@ -397,19 +396,120 @@ def _draw_sprite(image, depth, salt, index, kind, size, rgb, rgb2, s, column, ro
     elif kind == SIGN:
         plate, plate_z, round_plate = size[0], size[1], size[2]
         box(-0.04, 0.04, 0, plate_z, rgb2)
-        centre_row = row_of(plate_z + plate / 2)
-        disc = (lambda rows, cols: ((cols - column) ** 2 + (rows - centre_row) ** 2) < (plate * scale / 2) ** 2
-                ) if round_plate else None
-        box(-plate / 2, plate / 2, plate_z, plate_z + plate, rgb, disc)
-        box(-plate / 4, plate / 4, plate_z + plate * 0.4, plate_z + plate * 0.6, np.array([0.95, 0.95, 0.95]), disc)
+        centre_row = view.row_of(plate_z + plate / 2, distance)
+
+        def disc(rows, cols):
+            return (cols - column) ** 2 + (rows - centre_row) ** 2 < (plate * scale / 2) ** 2
+
+        box(-plate / 2, plate / 2, plate_z, plate_z + plate, rgb, disc if round_plate else None)
+        box(-plate / 4, plate / 4, plate_z + plate * 0.4, plate_z + plate * 0.6, np.array([0.95, 0.95, 0.95]),
+            disc if round_plate else None)
     elif kind == CAR:
         width, height = size[0], size[1]
+        wheel, light = np.array([0.05, 0.05, 0.05]), np.array([0.8, 0.1, 0.1])
         box(-width / 2, width / 2, 0.3, height * 0.6, rgb)
         box(-width * 0.42, width * 0.42, height * 0.6, height, rgb2)
-        box(-width * 0.45, -width * 0.2, 0.0, 0.35, np.array([0.05, 0.05, 0.05]))
-        box(width * 0.2, width * 0.45, 0.0, 0.35, np.array([0.05, 0.05, 0.05]))
-        box(-width * 0.48, -width * 0.36, height * 0.42, height * 0.52, np.array([0.8, 0.1, 0.1]))
-        box(width * 0.36, width * 0.48, height * 0.42, height * 0.52, np.array([0.8, 0.1, 0.1]))
+        box(-width * 0.45, -width * 0.2, 0.0, 0.35, wheel)
+        box(width * 0.2, width * 0.45, 0.0, 0.35, wheel)
+        box(-width * 0.48, -width * 0.36, height * 0.42, height * 0.52, light)
+        box(width * 0.36, width * 0.48, height * 0.42, height * 0.52, light)
+
+
+class _View:
+    """A camera's projection: rays per image column, image rows per height, and the buffers drawn into."""
+
+    def __init__(self, camera, image_size):
+        self.camera = camera
+        self.height, self.width = image_size
+        self.focal = (self.width / 2) / math.tan(math.radians(camera.hfov_deg) / 2)
+        self.cx, self.cy = self.width / 2, self.height / 2 + camera.pitch * self.height
+        self.origin = np.array([camera.x, camera.y])
+        self.forward = _unit(camera.heading)
+        self.right = np.array([self.forward[1], -self.forward[0]])
+        slopes = (np.arange(self.width) + 0.5 - self.cx) / self.focal  # lateral metres per forward metre
+        self.rays = self.forward[None, :] + slopes[:, None] * self.right[None, :]
+        self.rows = np.arange(self.height)[:, None] + 0.5
+        self.image = np.zeros((self.height, self.width, 3), dtype=np.float32)
+        self.depth = np.full((self.height, self.width), np.inf)  # forward distance of what each pixel shows
+        self.filled = np.zeros((self.height, self.width), dtype=bool)
+
+    def row_of(self, z, distance):
+        """Image row of a point z metres above the ground at `distance` metres ahead."""
+        return self.cy - (z - self.camera.height) * self.focal / distance
+
+
+def _draw_walls(view, world):
+    """Intersect every column's ray with the wall segments ahead; draw the nearest few walls per column."""
+    seg = world.segments
+    ahead_0, ahead_1 = (seg["p0"] - view.origin) @ view.forward, (seg["p1"] - view.origin) @ view.forward
+    near = np.nonzero((np.maximum(ahead_0, ahead_1) > 0.3) & (np.minimum(ahead_0, ahead_1) < VIEW_DISTANCE_M))[0]
+    edge, offset = seg["p1"][near] - seg["p0"][near], seg["p0"][near] - view.origin
+    rays = view.rays
+    denominator = rays[:, None, 0] * edge[None, :, 1] - rays[:, None, 1] * edge[None, :, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = (offset[None, :, 0] * edge[None, :, 1] - offset[None, :, 1] * edge[None, :, 0]) / denominator
+        v = (offset[None, :, 0] * rays[:, None, 1] - offset[None, :, 1] * rays[:, None, 0]) / denominator
+    s = np.where((denominator != 0) & (s > 0.3) & (v >= 0) & (v <= 1), s, np.inf)  # forward distance of hits
+    layers = min(WALL_LAYERS, len(near))
+    order = np.argpartition(s, layers - 1, axis=1)[:, :layers] if layers < len(near) else np.argsort(s, axis=1)
+    order = np.take_along_axis(order, np.argsort(np.take_along_axis(s, order, axis=1), axis=1), axis=1)
+    for layer in range(layers):  # nearest first: a pixel belongs to the first wall that covers it
+        hit = order[:, layer]
+        distance = s[np.arange(view.width), hit]
+        segment = near[hit]
+        top = view.row_of(world.buildings["height"][seg["building"][segment]], distance)
+        span = (view.rows >= top) & (view.rows < view.row_of(0.0, distance)) & np.isfinite(distance) & ~view.filled
+        rr, cc = np.nonzero(span)
+        distance, segment = distance[cc], segment[cc]
+        z = view.camera.height + (view.cy - rr - 0.5) * distance / view.focal
+        u = v[cc, hit[cc]] * seg["length"][segment]
+        view.image[rr, cc] = _facade_colours(world, seg["building"][segment], segment, u.astype(np.float32),
+                                             z.astype(np.float32), (distance / view.focal).astype(np.float32))
+        view.depth[rr, cc] = distance
+        view.filled |= span
+
+
+def _draw_ground_and_sky(view, world, zenith, horizon):
+    """The ground plane below the horizon where no wall stands, and a sky gradient above."""
+    ground = (view.rows > view.cy) & ~view.filled
+    rr, cc = np.nonzero(ground)
+    distance = view.camera.height * view.focal / (rr + 0.5 - view.cy)
+    points = (view.origin[None, :] + distance[:, None] * view.rays[cc]).astype(np.float32)
+    footprint = distance ** 2 / (view.focal * view.camera.height)  # metres per pixel along the ground
+    view.image[rr, cc] = _ground_colours(world, points[:, 0], points[:, 1], footprint.astype(np.float32))
+    view.depth[rr, cc] = distance
+    blend = np.clip((view.cy - view.rows) / max(view.cy, 1.0), 0, 1)[:, :, None]
+    sky = np.broadcast_to(horizon * (1 - blend) + zenith * blend, view.image.shape)
+    sky_mask = ~view.filled & ~ground
+    view.image[sky_mask] = sky[sky_mask]
+
+
+def _passing_cars(rng, camera):
+    """Cars of this moment (not of the place), ahead in either lane: (x, y, kind, size, colour, colour 2, id)."""
+    direction = 1.0 if math.cos(camera.heading) >= 0 else -1.0
+    cars = []
+    for k in range(int(rng.integers(0, 4))):
+        x = camera.x + direction * rng.uniform(8, 70)
+        y = LANE_OFFSET_M * (1.0 if rng.random() < 0.5 else -1.0)
+        body = _hsv_to_rgb(rng.random(), rng.uniform(0, 0.9), rng.uniform(0.2, 0.95))
+        cars.append((x, y, CAR, (rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.6), 0, 0), body,
+                     np.array([0.1, 0.12, 0.15]), -1 - k))
+    return cars
+
+
+def _draw_sprites(view, world, rng):
+    """Trees, lamps, signs, parked and passing cars, far to near, hidden behind nearer walls."""
+    sprites = world.sprites
+    lo, hi = np.searchsorted(sprites["x"], [view.camera.x - SPRITE_DISTANCE_M, view.camera.x + SPRITE_DISTANCE_M])
+    items = [(sprites["x"][i], sprites["y"][i], sprites["kind"][i], sprites["size"][i], sprites["rgb"][i],
+              sprites["rgb2"][i], i) for i in range(lo, hi)]
+    items += _passing_cars(rng, view.camera)
+    relative = np.array([item[:2] for item in items]).reshape(-1, 2) - view.origin
+    ahead, lateral = relative @ view.forward, relative @ view.right
+    half_width = view.width / 2 / view.focal
+    visible = (ahead > 1.0) & (ahead < SPRITE_DISTANCE_M) & (np.abs(lateral) < ahead * half_width + 5)
+    for i in sorted(np.nonzero(visible)[0], key=lambda i: -ahead[i]):
+        _draw_sprite(view, world.salt, *items[i][2:], ahead[i], lateral[i])
 
 
 def render_view(world, camera, image_size, rng):
@@ -417,96 +517,16 @@ def render_view(world, camera, image_size, rng):
 
     `rng` draws what is not part of the place: the sky and the passing cars.
     """
-    height, width = image_size
-    focal = (width / 2) / math.tan(math.radians(camera.hfov_deg) / 2)
-    cx, cy = width / 2, height / 2 + camera.pitch * height
-    forward = _unit(camera.heading)
-    right = np.array([forward[1], -forward[0]])
-    origin = np.array([camera.x, camera.y])
-    slopes = (np.arange(width) + 0.5 - cx) / focal  # lateral metres per forward metre, per column
-    rays = forward[None, :] + slopes[:, None] * right[None, :]
-    rows = np.arange(height)[:, None] + 0.5
-
-    image = np.zeros((height, width, 3), dtype=np.float32)
-    depth = np.full((height, width), np.inf)
-    filled = np.zeros((height, width), dtype=bool)
-
-    # Walls: intersect every column's ray with the nearby wall segments, keep the nearest few per column
-    seg = world.segments
-    ahead_0, ahead_1 = (seg["p0"] - origin) @ forward, (seg["p1"] - origin) @ forward
-    near = np.nonzero((np.maximum(ahead_0, ahead_1) > 0.3) & (np.minimum(ahead_0, ahead_1) < VIEW_DISTANCE_M))[0]
-    p0, edge = seg["p0"][near], seg["p1"][near] - seg["p0"][near]
-    offset = p0 - origin
-    denominator = rays[:, None, 0] * edge[None, :, 1] - rays[:, None, 1] * edge[None, :, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s = (offset[None, :, 0] * edge[None, :, 1] - offset[None, :, 1] * edge[None, :, 0]) / denominator
-        v = (offset[None, :, 0] * rays[:, None, 1] - offset[None, :, 1] * rays[:, None, 0]) / denominator
-    s = np.where((denominator != 0) & (s > 0.3) & (v >= 0) & (v <= 1), s, np.inf)
-    layers = min(WALL_LAYERS, len(near))
-    order = np.argpartition(s, layers - 1, axis=1)[:, :layers] if layers < len(near) else np.argsort(s, axis=1)
-    order = np.take_along_axis(order, np.argsort(np.take_along_axis(s, order, axis=1), axis=1), axis=1)
-    for layer in range(layers):
-        hit = order[:, layer]
-        s_layer = s[np.arange(width), hit]
-        segment = near[hit]
-        wall_top = cy - (world.buildings["height"][seg["building"][segment]] - camera.height) * focal / s_layer
-        wall_bottom = cy + camera.height * focal / s_layer
-        span = (rows >= wall_top) & (rows < wall_bottom) & np.isfinite(s_layer) & ~filled
-        rr, cc = np.nonzero(span)
-        if len(rr) == 0:
-            continue
-        distance = s_layer[cc]
-        z = (camera.height + (cy - rr - 0.5) * distance / focal).astype(np.float32)
-        u = (v[cc, hit[cc]] * seg["length"][segment[cc]]).astype(np.float32)
-        building = seg["building"][segment[cc]]
-        image[rr, cc] = _facade_colours(world, building, segment[cc], u, z, (distance / focal).astype(np.float32))
-        depth[rr, cc] = distance
-        filled |= span
-
-    # Ground below the horizon, sky above what is left
-    ground = (rows > cy) & ~filled
-    rr, cc = np.nonzero(ground)
-    distance = camera.height * focal / (rr + 0.5 - cy)
-    points = origin[None, :] + distance[:, None] * rays[cc]
-    image[rr, cc] = _ground_colours(world, points[:, 0].astype(np.float32), points[:, 1].astype(np.float32),
-                                    (distance ** 2 / (focal * camera.height)).astype(np.float32))
-    depth[rr, cc] = distance
-    zenith, horizon = (np.array(c) for c in SKY_PALETTES[int(rng.integers(len(SKY_PALETTES)))])
+    view = _View(camera, image_size)
+    zenith, horizon = (np.array(colour) for colour in SKY_PALETTES[int(rng.integers(len(SKY_PALETTES)))])
     tint = rng.uniform(0.92, 1.08, 3)
-    blend = np.clip((cy - rows) / max(cy, 1.0), 0, 1)[:, :, None]
-    sky = (horizon * (1 - blend) + zenith * blend) * tint
-    sky_mask = ~filled & ~ground
-    image[sky_mask] = np.broadcast_to(sky, image.shape)[sky_mask]
-
-    # Sprites: the world's (trees, lamps, signs, parked cars) and this moment's passing cars, far to near
-    sprites = world.sprites
-    lo, hi = np.searchsorted(sprites["x"], [camera.x - SPRITE_DISTANCE_M, camera.x + SPRITE_DISTANCE_M])
-    kinds, indices = list(sprites["kind"][lo:hi]), list(range(lo, hi))
-    positions = [sprites["x"][lo:hi], sprites["y"][lo:hi]]
-    sizes, rgbs, rgbs2 = list(sprites["size"][lo:hi]), list(sprites["rgb"][lo:hi]), list(sprites["rgb2"][lo:hi])
-    direction = 1.0 if forward[0] >= 0 else -1.0
-    passing = int(rng.integers(0, 4))
-    for k in range(passing):
-        positions[0] = np.append(positions[0], camera.x + direction * rng.uniform(8, 70))
-        positions[1] = np.append(positions[1], LANE_OFFSET_M * (1.0 if rng.random() < 0.5 else -1.0))
-        rgbs.append(_hsv_to_rgb(rng.random(), rng.uniform(0, 0.9), rng.uniform(0.2, 0.95)))
-        sizes.append((rng.uniform(1.7, 1.95), rng.uniform(1.4, 1.6), 0, 0))
-        kinds.append(CAR), indices.append(-1 - k), rgbs2.append(np.array([0.1, 0.12, 0.15]))
-    relative = np.stack(positions, axis=1) - origin
-    ahead, lateral = relative @ forward, relative @ right
-    visible = (ahead > 1.0) & (ahead < SPRITE_DISTANCE_M) & (np.abs(lateral) < ahead * (width / 2 / focal) + 5)
-    for i in sorted(np.nonzero(visible)[0], key=lambda i: -ahead[i]):
-        scale = focal / ahead[i]
-
-        def row_of(z, scale=scale):
-            return cy - (z - camera.height) * scale
-
-        _draw_sprite(image, depth, world.salt, int(indices[i]), kinds[i], sizes[i], rgbs[i], rgbs2[i], ahead[i],
-                     cx + lateral[i] * scale, row_of, scale)
-
+    _draw_walls(view, world)
+    _draw_ground_and_sky(view, world, zenith * tint, horizon * tint)
+    _draw_sprites(view, world, rng)
     # Haze: far things fade into the horizon colour
-    haze = (1.0 - np.exp(-np.where(np.isfinite(depth), depth, 0.0) / HAZE_DISTANCE_M)).astype(np.float32)
-    image += (horizon * tint).astype(np.float32) * haze[:, :, None] - image * haze[:, :, None]
+    haze = 1.0 - np.exp(-np.where(np.isfinite(view.depth), view.depth, 0.0) / HAZE_DISTANCE_M)
+    haze = haze.astype(np.float32)[:, :, None]
+    image = view.image * (1 - haze) + (horizon * tint).astype(np.float32) * haze
     return np.clip(image, 0, 1, out=image)
 
 
@@ -516,7 +536,7 @@ def degrade_query(image, rng):
     image = gray + (image - gray) * rng.uniform(0.5, 1.4)  # saturation
     mean = image.mean()
     image = (image - mean) * rng.uniform(0.7, 1.25) + mean  # contrast
-    image = image * rng.uniform(0.55, 1.35) * rng.uniform(0.85, 1.15, 3)  # brightness and white balance
+    image = image * rng.uniform(0.55, 1.35) * rng.uniform(0.85, 1.15, 3).astype(np.float32)  # light, white balance
     image = np.clip(image, 0, 1) ** math.exp(rng.uniform(-0.3, 0.3))  # gamma
     blur_radius = rng.uniform(0, 1.6) * image.shape[1] / 320 if rng.random() < 0.7 else 0.0
     if blur_radius > 0.2:
@@ -639,7 +659,10 @@ def _render_task(task):
     seed, split_index, x_range, camera, image_size, is_query, index, path = task
     rng = np.random.default_rng([seed, split_index, 2 + int(is_query), index])
     image = render_view(_world(seed, split_index, x_range), camera, image_size, rng)
-    image = degrade_query(image, rng) if is_query else image + rng.standard_normal(image.shape, dtype=np.float32) * 0.008
+    if is_query:
+        image = degrade_query(image, rng)
+    else:  # a little sensor noise, so that database images are not perfectly clean either
+        image = image + rng.standard_normal(image.shape, dtype=np.float32) * 0.008
     Image.fromarray(_to_uint8(image)).save(path, quality=JPEG_QUALITY)
 
 
