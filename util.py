@@ -20,6 +20,7 @@ import torch
 
 from commons import UserInputError
 from model import zoo
+from model.zoo import PRETRAININGS  # noqa: F401  (the --pretrain choices, with OFF_THE_SHELF_MODELS below)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,7 +174,8 @@ def read_checkpoint(path, trusted=False):
                 "If you trust where the file comes from, pass --trust_checkpoint to load it anyway") from error
         else:
             raise CheckpointError(f"Cannot read {path} as a PyTorch checkpoint: it is truncated, corrupted or "
-                                  f"not a checkpoint ({_refusal_reason(error)})") from error
+                                  f"not a checkpoint ({_refusal_reason(error)}); if it was downloaded, delete it "
+                                  "to download it again") from error
     logging.warning(f"Loading {path} with full unpickling (--trust_checkpoint): {_refusal_reason(first_error)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -410,7 +412,7 @@ def map_state_dict_in_order(model_state_dict, source_state_dict, source):
     return mapped
 
 
-def _radenovic_path(backbone, dataset, weights_folder):
+def _radenovic_path(backbone, weights_folder, dataset):
     key = (backbone, dataset)
     if key not in zoo.OFF_THE_SHELF_RADENOVIC_URLS:
         raise UserInputError(f"No radenovic_{dataset} model for --backbone {backbone}; available backbones: "
@@ -447,13 +449,22 @@ def _naver_path(backbone, weights_folder):
     return path
 
 
+# --off_the_shelf name -> function(backbone, weights_folder) giving the model's file; "imagenet" means no
+# off-the-shelf model (the backbone keeps its --pretrain weights)
+OFF_THE_SHELF_MODELS = {
+    "imagenet": None,
+    "radenovic_sfm": functools.partial(_radenovic_path, dataset="sfm"),
+    "radenovic_gldv1": functools.partial(_radenovic_path, dataset="gldv1"),
+    "naver": _naver_path,
+}
+
+
 def off_the_shelf_path(name, backbone, weights_folder):
     """The file of an off-the-shelf model (downloaded into <weights_folder>/off_the_shelf_nets/ once)."""
-    if name.startswith("radenovic_"):
-        return _radenovic_path(backbone, name.split("_", 1)[1], weights_folder)
-    if name == "naver":
-        return _naver_path(backbone, weights_folder)
-    raise UserInputError(f"Unknown off-the-shelf model {name}; valid names: {', '.join(zoo.OFF_THE_SHELF_NAMES)}")
+    if OFF_THE_SHELF_MODELS.get(name) is None:
+        raise UserInputError(f"Unknown off-the-shelf model {name}; valid names: "
+                             f"{', '.join(key for key, value in OFF_THE_SHELF_MODELS.items() if value)}")
+    return OFF_THE_SHELF_MODELS[name](backbone, weights_folder)
 
 
 def load_off_the_shelf(model, name, backbone, weights_folder):
@@ -475,7 +486,9 @@ def compute_flops_and_params(model, resize, device):
     thop counts multiply-accumulates of the layers it knows (convolutions, linear, norms...); FLOPs are
     reported as 2 x MACs. Matrix products written as plain tensor operations (attention) are not counted.
     """
-    import thop  # imported here: only this function needs it
+    with warnings.catch_warnings():  # thop imports deprecated setuptools helpers
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import thop  # imported here: only this function needs it
     model_copy = copy.deepcopy(model).to(device).eval()
     image = torch.zeros(1, 3, resize[0], resize[1], device=device)
     with torch.no_grad():

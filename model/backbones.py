@@ -4,8 +4,8 @@ Every builder has the same keyword-only signature
     build(pretrain, weights_folder, trunc_te=None, freeze_te=None, image_size=None, pooled_output=False,
           trusted=False)
 and returns (module, out_channels), out_channels being the size of each local descriptor (or of the
-pooled token). `pretrain` is one of PRETRAINS; `weights_folder` is where places / gldv2 weights live
-(<weights_folder>/pretrained_nets/); ImageNet weights come from torch.hub's cache (TORCH_HOME).
+pooled token). `pretrain` is one of zoo.PRETRAININGS; `weights_folder` is where places / gldv2 weights
+live (<weights_folder>/pretrained_nets/); ImageNet weights come from torch.hub's cache (TORCH_HOME).
 trunc_te / freeze_te / image_size / pooled_output concern only the transformers; CNNs ignore them.
 `trusted` (--trust_checkpoint) allows weight files that need full unpickling.
 """
@@ -23,13 +23,10 @@ from commons import UserInputError
 from model import zoo
 from model.cct import CCT384_EMBEDDING_DIM, CCT384_IMAGE_SIZE, cct_14_7x2_384
 
-PRETRAINS = ("imagenet", "places", "gldv2", "none")
-
-
 def _check_pretrain(backbone_name, pretrain, available):
     if pretrain not in available:
         raise UserInputError(f"--pretrain {pretrain} is not available for --backbone {backbone_name}; "
-                                  f"choose one of: {', '.join(available)}")
+                             f"choose one of: {', '.join(available)}")
 
 
 def _last_conv_channels(module):
@@ -76,7 +73,7 @@ def _resnet_builder(architecture, cut):
     """ResNet cut after layer3 (conv4) or layer4 (conv5); the stem, layer1 and layer2 frozen."""
     def build(*, pretrain, weights_folder, trunc_te=None, freeze_te=None, image_size=None, pooled_output=False,
               trusted=False):
-        _check_pretrain(f"{architecture}{cut}", pretrain, PRETRAINS)
+        _check_pretrain(f"{architecture}{cut}", pretrain, zoo.PRETRAININGS)
         resnet = _torchvision_cnn(architecture, pretrain, weights_folder, trusted)
         for name, child in resnet.named_children():
             if name == "layer3":  # train from layer3 on
@@ -92,7 +89,7 @@ def _resnet_builder(architecture, cut):
 def _build_vgg16(*, pretrain, weights_folder, trunc_te=None, freeze_te=None, image_size=None, pooled_output=False,
                  trusted=False):
     """VGG16 features without the last ReLU and max pool; all but the last 5 of those layers frozen."""
-    _check_pretrain("vgg16", pretrain, PRETRAINS)
+    _check_pretrain("vgg16", pretrain, zoo.PRETRAININGS)
     layers = list(_torchvision_cnn("vgg16", pretrain, weights_folder, trusted).features.children())[:-2]
     _freeze(layers[:-5])
     backbone = nn.Sequential(*layers)

@@ -11,6 +11,9 @@ def google_drive_link(file_id):
     return f"https://drive.google.com/file/d/{file_id}/view"
 
 
+# --pretrain: the weights a backbone starts from ("none": random initialisation)
+PRETRAININGS = ("imagenet", "places", "gldv2", "none")
+
 # ----------------------------------------------------------------------------------------------------------
 # --pretrain places | gldv2: torchvision classification models (365 / 512 classes), saved by the original
 # as <weights folder>/pretrained_nets/<name>.pth
@@ -62,7 +65,6 @@ OFF_THE_SHELF_NAVER = {
     "resnet50conv5": NaverModel("1oPtE_go9tnsiDLkWjN4NMpKjh-_md1G5", "Resnet50-AP-GeM.pt"),
     "resnet101conv5": NaverModel("1UWJGDuHtzaQdFhSMojoYVQjmCXhIwVvy", "Resnet-101-AP-GeM.pt"),
 }
-OFF_THE_SHELF_NAMES = ("radenovic_sfm", "radenovic_gldv1", "naver")
 # What these models are: the flags that build the matching architecture
 OFF_THE_SHELF_BACKBONES = ("resnet50conv5", "resnet101conv5")
 OFF_THE_SHELF_AGGREGATION = "gem"

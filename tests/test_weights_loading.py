@@ -122,7 +122,8 @@ def test_google_drive_download_is_renamed_only_when_complete(monkeypatch, tmp_pa
     path = str(tmp_path / "cache" / "model.pth")
     with pytest.raises(util.WeightsUnavailableError) as error:
         util.fetch_google_drive("FILE_ID", path, what="a test model")
-    assert "https://drive.google.com/file/d/FILE_ID/view" in str(error.value) and f"put it at {path}" in str(error.value)
+    assert "https://drive.google.com/file/d/FILE_ID/view" in str(error.value)
+    assert f"put it at {path}" in str(error.value)
     assert os.listdir(tmp_path / "cache") == []
 
     def complete(id, output, quiet):
@@ -264,3 +265,12 @@ def test_naver_zip_with_an_old_sklearn_pickle_loads_without_running_it(offline, 
     for (our_key, ours), theirs in zip(model.state_dict().items(), source.values()):
         assert torch.equal(ours, theirs), our_key
     assert offline == []
+
+
+def test_off_the_shelf_registry():
+    assert list(util.OFF_THE_SHELF_MODELS) == ["imagenet", "radenovic_sfm", "radenovic_gldv1", "naver"]
+    assert util.PRETRAININGS == ("imagenet", "places", "gldv2", "none")
+    with pytest.raises(util.UserInputError, match="radenovic_sfm, radenovic_gldv1, naver"):
+        util.off_the_shelf_path("imagenet", "resnet50conv5", "data")
+    with pytest.raises(util.UserInputError, match="No radenovic_gldv1 model for --backbone resnet50conv4"):
+        util.off_the_shelf_path("radenovic_gldv1", "resnet50conv4", "data")
