@@ -6,6 +6,7 @@ status 2) with one line that says what is wrong and how to fix it.
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -267,10 +268,23 @@ def resolve_datasets_folder(parser, args, require_dataset):
     return folder
 
 
+def _split_multi_value_equals(parser, argv):
+    """`--resize=384 512` (as the original README writes it) means `--resize 384 512`: argparse alone would give
+    --resize a single value and reject the command."""
+    multi_value = {option for action in parser._actions if action.nargs not in (None, 0, "?")
+                   for option in action.option_strings}
+    split = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        split.extend([name, value] if equals and name in multi_value else [arg])
+    return split
+
+
 def parse_arguments(argv=None, require_dataset=True):
     """Parse, validate and derive. The returned namespace is read-only for the rest of the script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_split_multi_value_equals(parser, argv))
     _check_values(parser, args)
     _check_combinations(parser, args)
     _check_evaluation_outputs(parser, args)
