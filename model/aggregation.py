@@ -44,8 +44,8 @@ class GeM(nn.Module):
         return functional.gem(x, p=self.p, eps=self.eps, work_with_tokens=self.work_with_tokens)
 
     def __repr__(self):
-        return (f"{self.__class__.__name__}(p={self.p.data.tolist()[0]:.4f}, eps={self.eps}, "
-                f"work_with_tokens={self.work_with_tokens})")
+        p = "?" if self.p.is_meta else f"{self.p.data.tolist()[0]:.4f}"
+        return f"{self.__class__.__name__}(p={p}, eps={self.eps}, work_with_tokens={self.work_with_tokens})"
 
 
 class SPoC(nn.Module):
