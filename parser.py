@@ -14,7 +14,7 @@ from mining import MINING_METHODS
 from model.aggregation import AGGREGATIONS
 from model.backbones import BACKBONES
 from model.losses import LOSSES
-from network import compatibility_error
+from network import compatibility_error, off_the_shelf_error, resize_error
 from test import TEST_METHODS
 from util import OFF_THE_SHELF_MODELS, PRETRAININGS
 
@@ -27,10 +27,6 @@ DATASETS_FOLDER_ENV = "DATASETS_FOLDER"
 BACKBONE_ALIASES = {"r18l3": "resnet18conv4", "r18l4": "resnet18conv5", "r50l3": "resnet50conv4",
                     "r50l4": "resnet50conv5", "r101l3": "resnet101conv4", "r101l4": "resnet101conv5"}
 TEST_METHOD_ALIASES = {"five_crops_mean": "five_crops", "majority_voting": "maj_voting"}
-OFF_THE_SHELF_BACKBONES = ("resnet50conv5", "resnet101conv5")
-OFF_THE_SHELF_FC_DIM = 2048
-VIT_SIZES = ([224, 224], [384, 384])
-CCT_SIZE = [384, 384]
 
 
 def _with_aliases(aliases):
@@ -220,23 +216,13 @@ def _check_combinations(parser, args):
     if args.mining == "msls_weighted" and args.dataset_name != "msls":
         parser.error(f"--mining msls_weighted needs the msls dataset (it reads MSLS file-name notes), but "
                      f"--dataset_name is {args.dataset_name}: use another --mining")
-    if args.off_the_shelf != "imagenet":
-        if (args.backbone not in OFF_THE_SHELF_BACKBONES or args.aggregation != "gem"
-                or args.fc_output_dim != OFF_THE_SHELF_FC_DIM):
-            parser.error(f"off-the-shelf models (--off_the_shelf {args.off_the_shelf}) are ResNet-50/101 + GeM + FC "
-                         f"{OFF_THE_SHELF_FC_DIM}: use --backbone {' or '.join(OFF_THE_SHELF_BACKBONES)} "
-                         f"--aggregation gem --fc_output_dim {OFF_THE_SHELF_FC_DIM}")
     if args.pca_dim is not None and args.pca_dataset_folder is None:
         parser.error("--pca_dim needs --pca_dataset_folder, the images to fit PCA on (e.g. pitts30k/images/train)")
-    if args.backbone == "vit" and args.resize not in VIT_SIZES:
-        parser.error(f"vit works at 224x224 or 384x384, but --resize is {args.resize[0]} {args.resize[1]}: "
-                     "add --resize 224 224 or --resize 384 384")
-    if args.backbone == "cct384" and args.resize != CCT_SIZE:
-        parser.error(f"cct384 works at 384x384, but --resize is {args.resize[0]} {args.resize[1]}: "
-                     "add --resize 384 384")
-    error = compatibility_error(args.backbone, args.aggregation)
-    if error:
-        parser.error(error)
+    for error in (off_the_shelf_error(args.off_the_shelf, args.backbone, args.aggregation, args.fc_output_dim),
+                  resize_error(args.backbone, args.resize),
+                  compatibility_error(args.backbone, args.aggregation)):
+        if error:
+            parser.error(error)
 
 
 def _check_evaluation_outputs(parser, args):
