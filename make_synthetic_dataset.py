@@ -42,6 +42,7 @@ SUBFOLDERS = ("database", "queries")
 MARKER_NAME = ".complete"  # written last: a dataset folder without it is incomplete
 FORMAT_VERSION = 1  # raise when the rendering changes, so that old sets are not silently reused
 JPEG_QUALITY = 90
+DEFAULT_SIZES = {"train": (600, 300), "val": (200, 100), "test": (200, 100)}  # (database, queries): the demo's set
 
 # Camera plan (metres, local street frame: x along the street, y to the left of the +x direction)
 DATABASE_SPACING_M = 5.0
@@ -703,9 +704,11 @@ def _read_marker(folder):
 
 
 def generate_dataset(datasets_folder: str, dataset_name: str = "synthetic", *, seed: int = 0,
-                     train_database_num: int = 600, train_queries_num: int = 300,
-                     val_database_num: int = 200, val_queries_num: int = 100,
-                     test_database_num: int = 200, test_queries_num: int = 100,
+                     train_database_num: int = DEFAULT_SIZES["train"][0],
+                     train_queries_num: int = DEFAULT_SIZES["train"][1],
+                     val_database_num: int = DEFAULT_SIZES["val"][0], val_queries_num: int = DEFAULT_SIZES["val"][1],
+                     test_database_num: int = DEFAULT_SIZES["test"][0],
+                     test_queries_num: int = DEFAULT_SIZES["test"][1],
                      image_size: tuple[int, int] = (240, 320), processes: int = 1, overwrite: bool = False,
                      train_far_queries_num: int | None = None) -> str:
     """Generate the synthetic dataset at <datasets_folder>/<dataset_name> and return that folder.
@@ -782,7 +785,7 @@ def main(argv=None) -> None:
     parser.add_argument("--datasets_folder", type=str, default="data/datasets", help="parent folder of the dataset")
     parser.add_argument("--dataset_name", type=str, default="synthetic", help="folder name of the dataset")
     parser.add_argument("--seed", type=int, default=0, help="same seed and sizes give the same bytes")
-    for split, (database_num, queries_num) in (("train", (600, 300)), ("val", (200, 100)), ("test", (200, 100))):
+    for split, (database_num, queries_num) in DEFAULT_SIZES.items():
         parser.add_argument(f"--{split}_database_num", type=int, default=database_num,
                             help=f"database images of the {split} split")
         parser.add_argument(f"--{split}_queries_num", type=int, default=queries_num,
@@ -792,7 +795,8 @@ def main(argv=None) -> None:
                              "at least one)")
     parser.add_argument("--image_size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"),
                         help="image height and width in pixels")
-    parser.add_argument("--processes", type=int, default=1, help="rendering processes")
+    parser.add_argument("--processes", type=int, default=min(4, os.cpu_count() or 1),
+                        help="rendering processes (the output does not depend on it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other parameters")
     args = parser.parse_args(argv)
 
