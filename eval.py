@@ -7,6 +7,11 @@ matches in a folder of database images ("where was this photo taken").
 
 Every run writes logs/<save_dir>/<date_time>/{info.log, debug.log, results.json} and ends with one
 `RESULT {...}` line on stdout.
+
+City-sized databases: --descriptors_folder, --max_ram_gb, --descriptors_dtype and --faiss_index keep the
+descriptors on disk in shards (resumable, reusable) and search them within a memory budget; under torchrun,
+several processes extract disjoint shards and rank 0 searches:
+    torchrun --nproc_per_node 2 eval.py ... --descriptors_folder descriptors/ --max_ram_gb 8 --faiss_index hnsw
 """
 import logging
 import os
@@ -14,11 +19,13 @@ from datetime import datetime, timedelta
 
 import commons
 import datasets_ws
+import descriptor_store
 import network
 import parser
 import pca as vg_pca
 import predictions
 import results
+import search
 import test
 import util
 from commons import UserInputError
@@ -26,6 +33,9 @@ from commons import UserInputError
 LOGS_FOLDER = "logs"
 # Model-zoo checkpoints named by --resume are downloaded here once
 MODEL_ZOO_FOLDER = os.path.join(network.WEIGHTS_FOLDER, "model_zoo")
+# Inside the run folder: the descriptors of the large-scale path when --descriptors_folder is not given
+RUN_DESCRIPTORS_FOLDER = "descriptors"
+PCA_FILENAME = "pca.npz"
 
 
 def load_resume(args, model):
@@ -44,6 +54,59 @@ def folder_images(folder, flag):
     return paths
 
 
+def on_rank_0(world, function):
+    """`function()` run by rank 0 only, its result given to every process; its UserInputError raised on every
+    process (the others would otherwise wait for rank 0 forever)."""
+    result, error = None, None
+    if world.rank == 0:
+        try:
+            result = function()
+        except UserInputError as caught:
+            error = str(caught)
+    result, error = commons.broadcast_object((result, error), world)
+    if error is not None:
+        raise UserInputError(error)
+    return result
+
+
+def descriptors_folder_of(args, output_folder, world):
+    """Where descriptors go: --descriptors_folder; else, when a large-scale flag asks for the on-disk store or
+    several processes share the extraction, the run folder; else nowhere (in-memory search, the default)."""
+    if args.descriptors_folder is not None:
+        return args.descriptors_folder
+    if search.search_settings(args).uses_store or world.world_size > 1:
+        return os.path.join(output_folder, RUN_DESCRIPTORS_FOLDER)
+    return None
+
+
+def load_or_fit_pca(args, model, descriptors_folder, world):
+    """--pca_dim (and --pca_whiten): fit PCA. With a descriptors folder it is fit once, saved there and reused by
+    later runs and by every process of a torchrun."""
+    def fit():
+        pca = vg_pca.compute_pca(args, model)
+        # Whitening changes only the transform, not the fit: the same fitted components, scaled per component
+        return pca.set_params(whiten=args.pca_whiten)
+    if descriptors_folder is None:
+        return fit()
+    path = os.path.join(descriptors_folder, PCA_FILENAME)
+    fingerprint = {"model_sha256": test.model_fingerprint(model), "pca_dim": args.pca_dim, "whiten": args.pca_whiten,
+                   "pca_dataset_folder": os.path.abspath(os.path.join(args.datasets_folder,
+                                                                      args.pca_dataset_folder)),
+                   "seed": args.seed}
+
+    def fit_and_save():
+        if os.path.exists(path):
+            descriptor_store.load_pca(path, fingerprint)  # refuses a PCA of another model or setting
+            logging.info(f"Reusing the PCA saved in {path}")
+            return
+        pca = fit()
+        os.makedirs(descriptors_folder, exist_ok=True)
+        descriptor_store.save_pca(path, pca, fingerprint)
+        logging.info(f"PCA saved in {path}")
+    on_rank_0(world, fit_and_save)
+    return descriptor_store.load_pca(path, fingerprint)
+
+
 def elapsed(start_time):
     return timedelta(seconds=round((datetime.now() - start_time).total_seconds()))
 
@@ -52,18 +115,24 @@ def main():
     # Setup
     start_time = datetime.now()
     args = parser.parse_arguments()
-    output_folder = commons.make_run_folder(LOGS_FOLDER, args.save_dir, start_time)
-    commons.setup_logging(output_folder)
-    commons.log_command_and_arguments(args)
+    # Under torchrun every process extracts its share of the descriptors; rank 0 alone writes the run folder
+    world = commons.setup_distributed(args.device)
+    output_folder = on_rank_0(world, lambda: commons.make_run_folder(LOGS_FOLDER, args.save_dir, start_time))
+    if world.rank == 0:
+        commons.setup_logging(output_folder)
+        commons.log_command_and_arguments(args)
+    else:
+        commons.setup_worker_logging(world.rank)
     commons.make_deterministic(args.seed)
     logging.info(f"The outputs are being saved in {output_folder}")
+    descriptors_folder = descriptors_folder_of(args, output_folder, world)
 
     # Model
     model = network.build_model(args)
     if args.resume is not None:
         load_resume(args, model)
-    model = model.to(args.device)
-    pca = vg_pca.compute_pca(args, model) if args.pca_dim is not None else None
+    model = model.to(world.device)
+    pca = load_or_fit_pca(args, model, descriptors_folder, world) if args.pca_dim is not None else None
     descriptor_size = args.pca_dim if pca is not None else model.features_dim
 
     # Data
@@ -83,6 +152,14 @@ def main():
         datasets = {"test": test_ds}
         logging.info(f"Test set: {test_ds}")
 
+    if world.world_size > 1:
+        logging.info(f"{world.world_size} processes extract the descriptors into {descriptors_folder}")
+        test.extract_descriptors(args, database_paths, queries_paths, model, args.test_method, pca,
+                                 descriptors_folder, world)
+        if world.rank != 0:  # rank 0 searches what every process extracted
+            commons.cleanup_distributed()
+            return
+
     # Test
     writer = (predictions.DescriptorWriter(output_folder, database_paths, queries_paths)
               if args.save_descriptors else None)
@@ -90,7 +167,7 @@ def main():
     if test_ds is None:
         top_k = args.save_predictions or max(args.recall_values)
         retrieval = test.retrieve(args, database_paths, queries_paths, model, args.test_method, pca, top_k,
-                                  on_descriptors=writer)
+                                  on_descriptors=writer, descriptors_folder=descriptors_folder)
         extraction_seconds, search_seconds = retrieval.extraction_seconds, retrieval.search_seconds
         top_predictions, top_distances = retrieval.top(top_k)
         predictions.log_matches(queries_paths, database_paths, top_predictions, top_distances)
@@ -98,7 +175,7 @@ def main():
                                      args.seed)
     else:
         evaluation = test.evaluate(args, test_ds, model, args.test_method, pca, k=args.save_predictions,
-                                   on_descriptors=writer)
+                                   on_descriptors=writer, descriptors_folder=descriptors_folder)
         extraction_seconds, search_seconds = evaluation.extraction_seconds, evaluation.search_seconds
         recalls_by_split["test"] = evaluation.recalls
         logging.info(f"Recalls on {test_ds}: {evaluation.recalls_str}")
@@ -119,6 +196,7 @@ def main():
                                         descriptor_size, script="eval.py", start_time=start_time)
     logging.info(f"Finished in {elapsed(start_time)}")
     results.print_result_line(run_results)
+    commons.cleanup_distributed()
 
 
 if __name__ == "__main__":

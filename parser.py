@@ -10,11 +10,13 @@ import sys
 
 import torch
 
+from descriptor_store import DESCRIPTOR_DTYPES
 from mining import MINING_METHODS
 from model.aggregation import AGGREGATIONS
 from model.backbones import BACKBONES
 from model.losses import LOSSES
 from network import compatibility_error, off_the_shelf_error, resize_error
+from search import DEFAULT_MAX_RAM_GB, FAISS_INDEXES, IndexParams
 from test import TEST_METHODS
 from util import OFF_THE_SHELF_MODELS, PRETRAININGS
 
@@ -166,6 +168,37 @@ def build_parser():
                             "--database_folder; prints and saves each query's top-K, no recalls")
     group.add_argument("--database_folder", type=str, default=None,
                        help="eval.py without coordinates: the folder of database images (see --queries_folder)")
+
+    group = parser.add_argument_group("large-scale search")
+    index_defaults = IndexParams()
+    group.add_argument("--faiss_index", type=str, default="flat", choices=list(FAISS_INDEXES),
+                       help="Index searched: flat is exact (the reference); ivf, ivfpq and hnsw are approximate, "
+                            "built from a sample of the database and saved with the descriptors")
+    group.add_argument("--ivf_lists", type=int, default=index_defaults.ivf_lists,
+                       help="Inverted lists of ivf / ivfpq (None: 4 x sqrt(database size))")
+    group.add_argument("--ivf_probes", type=int, default=index_defaults.ivf_probes,
+                       help="Lists visited per query by ivf / ivfpq")
+    group.add_argument("--pq_bytes", type=int, default=index_defaults.pq_bytes,
+                       help="Bytes per vector of ivfpq (sub-quantizers of 8 bits); must divide the descriptor size "
+                            "(None: its largest divisor up to 64)")
+    group.add_argument("--hnsw_m", type=int, default=index_defaults.hnsw_m, help="Neighbours per node of hnsw")
+    group.add_argument("--hnsw_ef_construction", type=int, default=index_defaults.hnsw_ef_construction,
+                       help="Candidate list size of hnsw while building")
+    group.add_argument("--hnsw_ef_search", type=int, default=index_defaults.hnsw_ef_search,
+                       help="Candidate list size of hnsw while searching (higher: slower and closer to exact)")
+    group.add_argument("--index_train_size", type=int, default=index_defaults.index_train_size,
+                       help="Database vectors sampled to train ivf / ivfpq (None: 64 per list)")
+    group.add_argument("--descriptors_folder", type=str, default=None,
+                       help="eval.py: keep descriptors (in shards), the PCA and the indexes here, to resume an "
+                            "interrupted extraction or reuse them in later runs (default with a large-scale flag: "
+                            "the run folder)")
+    group.add_argument("--descriptors_dtype", type=str, default="float32", choices=list(DESCRIPTOR_DTYPES),
+                       help="Type of the stored descriptors (float16 halves the disk space; search is in float32)")
+    group.add_argument("--max_ram_gb", type=float, default=None,
+                       help="Memory budget of descriptors, search blocks and index parts: they go to disk and are "
+                            f"searched in chunks (default with another large-scale flag: {DEFAULT_MAX_RAM_GB})")
+    group.add_argument("--pca_whiten", action="store_true",
+                       help="Whiten the PCA-reduced descriptors (divide each component by its standard deviation)")
     return parser
 
 
@@ -237,6 +270,21 @@ def _check_evaluation_outputs(parser, args):
             parser.error(f"--{name} {folder} is not a folder")
 
 
+LARGE_SCALE_POSITIVE_INT_FLAGS = ("ivf_lists", "ivf_probes", "pq_bytes", "hnsw_m", "hnsw_ef_construction",
+                                  "hnsw_ef_search", "index_train_size")
+
+
+def _check_large_scale(parser, args):
+    for name in LARGE_SCALE_POSITIVE_INT_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive integer, got {value}")
+    if args.max_ram_gb is not None and args.max_ram_gb <= 0:
+        parser.error(f"--max_ram_gb must be positive (gigabytes), got {args.max_ram_gb}")
+    if args.pca_whiten and args.pca_dim is None:
+        parser.error("--pca_whiten whitens the PCA components: it needs --pca_dim (and --pca_dataset_folder)")
+
+
 def resolve_datasets_folder(parser, args, require_dataset):
     """--datasets_folder, else $DATASETS_FOLDER, else the demo's folder; with a clear error when the chosen
     folder does not hold --dataset_name."""
@@ -274,6 +322,7 @@ def parse_arguments(argv=None, require_dataset=True):
     _check_values(parser, args)
     _check_combinations(parser, args)
     _check_evaluation_outputs(parser, args)
+    _check_large_scale(parser, args)
     # Derived values
     # Matching two image folders needs no dataset
     args.datasets_folder = resolve_datasets_folder(parser, args, require_dataset and args.queries_folder is None)

@@ -1,29 +1,48 @@
-"""Testing: descriptors of the database and the queries, exact nearest-neighbour search, merging of the
-per-crop results, and Recall@N.
+"""Testing: descriptors of the database and the queries, nearest-neighbour search, merging of the per-crop
+results, and Recall@N.
 
 `test(args, eval_ds, model, test_method, pca)` is what training and eval.py call; `retrieve(...)` is the part
 that needs no coordinates (it also serves folders of images without positions), and `compute_recalls(...)` is a
 pure function of predictions and positives.
+
+By default descriptors stay in memory and the search is exact (faiss' L2 k-NN). The large-scale flags
+(--descriptors_folder, --max_ram_gb, --descriptors_dtype, --faiss_index) send descriptors to an on-disk store
+in shards instead (`extract_descriptors`: resumable, several processes under torchrun write disjoint shards) and
+search them within a memory budget (search.py).
 """
+import contextlib
+import hashlib
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import faiss
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import commons
 import datasets_ws
+import descriptor_store
+import search
 from commons import UserInputError
+# The exact search lives in search.py; these names stay importable from here
+from search import StreamingExactSearch, exact_search  # noqa: F401
 
 # Majority voting looks for database images repeated among the first n predictions of the crops, for these n
 VOTING_TOP_N = (1, 5, 10)
 # Database descriptors per chunk of the streamed search; None: faiss' own database block, which keeps every
 # distance bit-identical to the one-shot search
 STREAMING_CHUNK_SIZE = None
+# Shards of stored descriptors hold at most this (what a crash can lose: extraction resumes at a shard)
+MAX_SHARD_BYTES = 256 * 1024 ** 2
+# Row size assumed for planning shards when the model does not report its features_dim
+FALLBACK_ROW_BYTES = 4 * 4096
+DATABASE_FOLDER = "database"
+INDEX_FOLDER = "index"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,66 +217,131 @@ def collect_descriptors(batches, total):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Search
+# Descriptors on disk: resumable, sharded, several processes
 
-def exact_search(database_descriptors, queries_descriptors, k):
-    """faiss IndexFlatL2: (squared L2 distances, database indices), each [queries_num, k], nearest first."""
-    index = faiss.IndexFlatL2(database_descriptors.shape[1])
-    index.add(np.ascontiguousarray(database_descriptors, dtype=np.float32))
-    return index.search(np.ascontiguousarray(queries_descriptors, dtype=np.float32), k)
+def model_fingerprint(model):
+    """A hash of what the model computes: its structure (repr: layers, poolings, where it normalises) and
+    every weight and buffer."""
+    digest = hashlib.sha256(repr(model).encode("utf-8"))
+    for name, tensor in model.state_dict().items():
+        array = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}".encode("utf-8"))
+        # As bytes (any dtype, bfloat16 included)
+        digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return digest.hexdigest()
 
 
-class StreamingExactSearch:
-    """Exact search with a running top-k over database descriptors given in order, a chunk at a time.
+def vectors_per_image(transform, resize, mean_of_crops):
+    """How many descriptors an image gives: its crops' count for crop methods that search with every crop."""
+    shape = transform(torch.zeros(3, *resize), resize).shape
+    return 1 if len(shape) == 3 or mean_of_crops else shape[0]
 
-    Memory holds the queries, one chunk of the database and the running results, never the whole database.
-    The default chunk is faiss' own database block, so every distance is computed exactly as `exact_search`
-    computes it; ties are kept in database order as faiss does: the results are identical.
+
+def store_descriptors(model, paths, folder, fingerprint, transform, resize, batch_size, num_workers, device,
+                      mean_of_crops=False, pca=None, dtype="float32", max_ram_gb=None, shard_rows=None,
+                      world=None, on_descriptors=None, description=None):
+    """Describe `paths` with `model` into shards in `folder` (descriptor_store), skipping the shards already
+    there (a resumed extraction) and returning the complete descriptor_store.DescriptorShards.
+
+    Shards hold whole batches, so every image goes through the model in the same batch as in the one-shot
+    extraction: the stored float32 descriptors equal `collect_descriptors`' bit for bit. Peak memory holds
+    one shard (`shard_rows`, default from max_ram_gb and MAX_SHARD_BYTES), whatever the number of images.
+    With `world` (commons.DistributedContext, several processes) process r extracts the shards s with
+    s % world_size == r; rank 0 writes the manifest first and completes it once every process is done.
+    `on_descriptors(indices, descriptors float32)` sees every row, extracted or read back from disk.
     """
+    world = world or commons.DistributedContext(0, 1, 0, torch.device(device))
+    if shard_rows is None:
+        vector_size = pca.n_components_ if pca is not None else getattr(model, "features_dim", None)
+        row_bytes = (4 * vector_size * vectors_per_image(transform, resize, mean_of_crops)
+                     if vector_size else FALLBACK_ROW_BYTES)
+        shard_rows = search.plan_shard_rows(max_ram_gb, row_bytes, batch_size, MAX_SHARD_BYTES)
+    error = None
+    if world.rank == 0:  # one process writes the manifest; the others open it, or fail with the same message
+        try:
+            descriptor_store.open_shards(folder, fingerprint, len(paths), shard_rows, dtype)
+        except UserInputError as caught:
+            error = str(caught)
+    error = commons.broadcast_object(error, world)
+    if error is not None:
+        raise UserInputError(error)
+    shards = descriptor_store.open_shards(folder, fingerprint, len(paths), shard_rows, dtype, create=False)
+    missing = set(shards.missing_shards())
+    if world.rank == 0:
+        logging.info(f"{description or 'Descriptors'}: extracting {len(missing)} of {shards.shards_num} shards of "
+                     f"{shards.shard_rows} images into {folder}"
+                     + (f" (the other {shards.shards_num - len(missing)} are there already)"
+                        if len(missing) < shards.shards_num else ""))
+    model = model.eval()
+    for shard in range(shards.shards_num):
+        start, end = shards.shard_range(shard)
+        if shard not in missing:
+            if on_descriptors is not None:
+                on_descriptors(np.arange(start, end), shards.read(start, end))
+            continue
+        if shard % world.world_size != world.rank:
+            continue
+        loader = make_loader(paths[start:end], transform, resize, batch_size, num_workers, world.device)
+        buffer = None
+        for indices, features in descriptor_batches(model, loader, world.device, mean_of_crops, pca,
+                                                    description=f"{description} {shard + 1}/{shards.shards_num}"):
+            if buffer is None:
+                buffer = np.empty((end - start,) + features.shape[1:], dtype=np.float32)
+            buffer[indices] = features
+            if on_descriptors is not None:
+                on_descriptors(indices + start, features)
+        shards.write_shard(shard, buffer)
+        del buffer
+    if world.world_size > 1:  # (a single process may still belong to a process group: no barrier then)
+        commons.barrier()
+    if world.rank == 0:
+        shards.mark_complete()
+    if world.world_size > 1:
+        commons.barrier()
+    return shards
 
-    def __init__(self, queries_descriptors, k, chunk_size=None):
-        self.queries = np.ascontiguousarray(queries_descriptors, dtype=np.float32)
-        self.k = k
-        self.chunk_size = chunk_size or faiss.cvar.distance_compute_blas_database_bs
-        self.buffer = None
-        self.filled = 0
-        self.offset = 0  # database index of buffer[0]
-        self.distances = np.empty((len(self.queries), 0), dtype=np.float32)
-        self.predictions = np.empty((len(self.queries), 0), dtype=np.int64)
-        self.seconds = 0.0
 
-    def add(self, descriptors):
-        """Add the next database descriptors [n, dim], in database order."""
-        if self.buffer is None:
-            self.buffer = np.empty((self.chunk_size, descriptors.shape[1]), dtype=np.float32)
-        start = 0
-        while start < len(descriptors):
-            taken = min(self.chunk_size - self.filled, len(descriptors) - start)
-            self.buffer[self.filled:self.filled + taken] = descriptors[start:start + taken]
-            self.filled += taken
-            start += taken
-            if self.filled == self.chunk_size:
-                self._search_chunk()
+def extract_descriptors(args, database_paths, queries_paths, model, test_method="hard_resize", pca=None,
+                        descriptors_folder=None, world=None, on_descriptors=None):
+    """Database and query descriptors into the store in `descriptors_folder` (`database/` and
+    `queries_<test_method>/`, so that other test methods reuse the database), resuming what is there.
+    Returns (database DescriptorShards, queries DescriptorShards). `on_descriptors(kind, indices, descriptors)`
+    as in `retrieve`. Reads from args: device, infer_batch_size, num_workers, resize, descriptors_dtype,
+    max_ram_gb (see search.search_settings).
+    """
+    method = get_test_method(test_method)
+    settings = search.search_settings(args)
+    device = world.device if world is not None else args.device
+    model_hash = model_fingerprint(model)
+    common = {"model_sha256": model_hash, "pca_sha256": descriptor_store.pca_fingerprint(pca),
+              "resize": list(args.resize)}
+    stored = []
+    for kind, paths, transform, batch_size, mean_of_crops, subfolder in (
+            ("database", database_paths, datasets_ws.hard_resize, args.infer_batch_size, False, DATABASE_FOLDER),
+            ("queries", queries_paths, method.query_transform,
+             1 if method.one_query_per_batch else args.infer_batch_size, method.mean_of_crops,
+             f"queries_{test_method}")):
+        fingerprint = dict(common, paths_sha256=descriptor_store.sha256_of_strings(paths), batch_size=batch_size,
+                           test_method=test_method if kind == "queries" else "hard_resize")
 
-    def _search_chunk(self):
-        start_time = time.perf_counter()
-        chunk_distances, chunk_predictions = exact_search(self.buffer[:self.filled], self.queries,
-                                                          min(self.k, self.filled))
-        distances = np.concatenate([self.distances, chunk_distances], axis=1)
-        predictions = np.concatenate([self.predictions, chunk_predictions + self.offset], axis=1)
-        # Stable sort: among equal distances the earlier (smaller) database index stays first, as in faiss
-        order = np.argsort(distances, axis=1, kind="stable")[:, :self.k]
-        self.distances = np.take_along_axis(distances, order, axis=1)
-        self.predictions = np.take_along_axis(predictions, order, axis=1)
-        self.offset += self.filled
-        self.filled = 0
-        self.seconds += time.perf_counter() - start_time
+        def observe(indices, descriptors, kind=kind):
+            if on_descriptors is not None:
+                on_descriptors(kind, indices, descriptors)
+        stored.append(store_descriptors(
+            model, list(paths), os.path.join(descriptors_folder, subfolder), fingerprint, transform, args.resize,
+            batch_size, args.num_workers, device, mean_of_crops, pca, settings.descriptors_dtype,
+            settings.max_ram_gb, world=world, on_descriptors=observe, description=kind.capitalize()))
+    return tuple(stored)
 
-    def result(self):
-        """(distances, predictions) [queries_num, k] over everything added."""
-        if self.filled:
-            self._search_chunk()
-        return self.distances, self.predictions
+
+@contextlib.contextmanager
+def descriptors_folder_or_temporary(descriptors_folder):
+    """The given folder, or a temporary one removed afterwards (descriptors nobody asked to keep)."""
+    if descriptors_folder is not None:
+        yield descriptors_folder
+        return
+    with tempfile.TemporaryDirectory(prefix="descriptors_") as folder:
+        yield folder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,7 +377,7 @@ class Retrieval:
 
 
 def retrieve(args, database_paths, queries_paths, model, test_method="hard_resize", pca=None, k=None,
-             on_descriptors=None):
+             on_descriptors=None, descriptors_folder=None):
     """Describe database and queries with `model` and search each query's `k` nearest database images
     (k defaults to max(args.recall_values); it is clamped to the database size).
 
@@ -301,12 +385,20 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
     args.efficient_ram_testing the database is streamed through `StreamingExactSearch` (same results, memory
     independent of the database size). `on_descriptors(kind, indices, descriptors)`, kind "database" or
     "queries", sees every batch of descriptors (e.g. to save them).
+    With a `descriptors_folder`, or any large-scale flag (--faiss_index other than flat, --max_ram_gb,
+    --descriptors_dtype float16), the descriptors go through the on-disk store (`extract_descriptors`; a
+    temporary folder when none is given) and search.py searches them; the flat search there gives the same
+    results as the in-memory one.
     Reads from args: device, infer_batch_size, num_workers, resize, recall_values, majority_weight,
-    efficient_ram_testing.
+    efficient_ram_testing, and the large-scale flags.
     """
     method = get_test_method(test_method)
     k = min(k or max(args.recall_values), len(database_paths))
     model = model.eval()
+    settings = search.search_settings(args)
+    if descriptors_folder is not None or settings.uses_store:
+        return _retrieve_through_store(args, database_paths, queries_paths, model, test_method, pca, k,
+                                       on_descriptors, descriptors_folder, settings)
 
     def observed(kind, batches):
         for indices, features in batches:
@@ -354,6 +446,27 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
                      search_seconds)
 
 
+def _retrieve_through_store(args, database_paths, queries_paths, model, test_method, pca, k, on_descriptors,
+                            descriptors_folder, settings):
+    """`retrieve` with the descriptors on disk and the search of `settings` (search.SearchSettings)."""
+    method = get_test_method(test_method)
+    with descriptors_folder_or_temporary(descriptors_folder) as folder:
+        start_time = time.perf_counter()
+        database, queries = extract_descriptors(args, database_paths, queries_paths, model, test_method, pca,
+                                                folder, on_descriptors=on_descriptors)
+        extraction_seconds = time.perf_counter() - start_time
+        logging.debug(f"Searching the top {k} of {queries.rows} queries among {database.rows} database "
+                      f"descriptors with --faiss_index {settings.faiss_index}")
+        result = search.search_descriptors(database, queries, k, settings, os.path.join(folder, INDEX_FOLDER))
+        queries_shape = (queries.rows,) + queries.row_shape[:-1]
+    predictions, distances = result.predictions, result.distances
+    if method.merge_predictions is not None:
+        predictions = predictions.reshape(queries_shape + (k,))
+        distances = distances.reshape(queries_shape + (k,))
+    return Retrieval(predictions, distances, method.merge_predictions, args.majority_weight, extraction_seconds,
+                     result.build_seconds + result.search_seconds)
+
+
 @dataclass
 class Evaluation:
     """Recalls (percent, by N) of one dataset, the top-max(recall_values) predictions and squared distances
@@ -367,11 +480,12 @@ class Evaluation:
     search_seconds: float
 
 
-def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, on_descriptors=None):
+def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, on_descriptors=None,
+             descriptors_folder=None):
     """`retrieve` on a GeoDataset (searching at least `k`), then Recall@N for each N of args.recall_values."""
     recall_k = max(args.recall_values)
     retrieval = retrieve(args, eval_ds.database_paths, eval_ds.queries_paths, model, test_method, pca,
-                         max(k or recall_k, recall_k), on_descriptors)
+                         max(k or recall_k, recall_k), on_descriptors, descriptors_folder)
     merge_start = time.perf_counter()
     predictions, distances = retrieval.top(recall_k)
     search_seconds = retrieval.search_seconds + time.perf_counter() - merge_start
@@ -381,7 +495,7 @@ def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, 
                       retrieval.extraction_seconds, search_seconds)
 
 
-def test(args, eval_ds, model, test_method="hard_resize", pca=None):
+def test(args, eval_ds, model, test_method="hard_resize", pca=None, descriptors_folder=None):
     """Recalls of `model` on `eval_ds` (a datasets_ws.GeoDataset): ({N: recall in percent}, 'R@1: .., R@5: ..')."""
-    evaluation = evaluate(args, eval_ds, model, test_method, pca)
+    evaluation = evaluate(args, eval_ds, model, test_method, pca, descriptors_folder=descriptors_folder)
     return evaluation.recalls, evaluation.recalls_str
