@@ -1,0 +1,111 @@
+"""train.py end to end on small synthetic datasets: it learns, it writes its run folder, it resumes after a crash."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+import make_synthetic_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "train.py")
+TINY = "train_tests_tiny"
+TINY_FLAGS = ["--dataset_name", TINY, "--pretrain", "none", "--backbone", "resnet18conv4", "--aggregation", "gem",
+              "--resize", "32", "48", "--device", "cpu", "--num_workers", "0", "--queries_per_epoch", "16",
+              "--cache_refresh_rate", "8", "--neg_samples_num", "30", "--negs_num_per_query", "2",
+              "--train_batch_size", "4", "--infer_batch_size", "8", "--lr", "0.001", "--patience", "10",
+              "--mining", "full", "--brightness", "0.3", "--horizontal_flip"]
+
+
+@pytest.fixture(scope="session")
+def datasets_folder(request, tmp_path_factory):
+    """Synthetic datasets, generated once and kept in pytest's cache folder between runs."""
+    cache = getattr(request.config, "cache", None)
+    folder = str(cache.mkdir("synthetic_datasets")) if cache is not None else str(tmp_path_factory.mktemp("data"))
+    make_synthetic_dataset.generate_dataset(folder, TINY, seed=5, train_database_num=50, train_queries_num=20,
+                                            val_database_num=30, val_queries_num=10, test_database_num=30,
+                                            test_queries_num=10, image_size=(48, 64))
+    return folder
+
+
+def _command(datasets_folder, flags, *extra):
+    return [sys.executable, TRAIN, "--datasets_folder", datasets_folder, *flags, *extra]
+
+
+def _environment():
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def _run(cwd, command):
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=_environment())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _run_folders(cwd, save_dir):
+    return sorted(glob.glob(os.path.join(str(cwd), "logs", save_dir, "*")))
+
+
+def _read(path):
+    with open(path) as file:
+        return file.read()
+
+
+def _assert_same_training_state(first, second):
+    for name, value in first["model_state_dict"].items():
+        assert torch.equal(value, second["model_state_dict"][name]), name
+    first_optimizer, second_optimizer = first["optimizer_state_dict"], second["optimizer_state_dict"]
+    assert first_optimizer["param_groups"] == second_optimizer["param_groups"]
+    for key, state in first_optimizer["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, second_optimizer["state"][key][name]), (key, name)
+    assert torch.equal(first["mining_state"]["neg_cache"], second["mining_state"]["neg_cache"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_one(tmp_path, datasets_folder):
+    epochs = ["--epochs_num", "3"]
+    # The reference: three epochs in one go
+    _run(tmp_path, _command(datasets_folder, TINY_FLAGS, *epochs, "--save_dir", "reference"))
+    reference_folder, = _run_folders(tmp_path, "reference")
+
+    # The same run, killed (SIGKILL) once the third epoch has started
+    process = subprocess.Popen(_command(datasets_folder, TINY_FLAGS, *epochs, "--save_dir", "killed"), cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_environment())
+    deadline = time.time() + 300
+    killed_folder = None
+    while time.time() < deadline and process.poll() is None:
+        folders = _run_folders(tmp_path, "killed")
+        if folders and "Start training epoch: 02" in _read(os.path.join(folders[0], "debug.log")):
+            killed_folder = folders[0]
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert killed_folder is not None, "the run ended before it could be killed in its third epoch"
+    files = set(os.listdir(killed_folder))
+    assert {"last_model.pth", "best_model.pth"} <= files and not [f for f in files if f.endswith(".partial")]
+    killed_last = checkpoint.load_checkpoint(os.path.join(killed_folder, "last_model.pth"))
+    assert killed_last["epoch_num"] == 1  # the epoch in progress is lost, the finished ones are kept
+
+    # Resume: a new run folder, starting at epoch 2, ending where the uninterrupted run ended
+    result = _run(tmp_path, _command(datasets_folder, TINY_FLAGS, *epochs, "--save_dir", "resumed", "--resume",
+                                     os.path.join(killed_folder, "last_model.pth")))
+    resumed_folder, = _run_folders(tmp_path, "resumed")
+    info = _read(os.path.join(resumed_folder, "info.log"))
+    assert "Resuming from epoch 2 with best R@5" in info
+    assert re.findall(r"Start training epoch: (\d+)", info) == ["02"]
+    assert "RESULT {" in result.stdout
+    resumed_last = checkpoint.load_checkpoint(os.path.join(resumed_folder, "last_model.pth"))
+    reference_last = checkpoint.load_checkpoint(os.path.join(reference_folder, "last_model.pth"))
+    assert resumed_last["epoch_num"] == reference_last["epoch_num"] == 2
+    _assert_same_training_state(reference_last, resumed_last)
+    assert resumed_last["recalls"] == reference_last["recalls"]
+    # The best model of the killed run came along, so the final test has one even without improvement
+    assert os.path.isfile(os.path.join(resumed_folder, "best_model.pth"))
