@@ -187,7 +187,8 @@ def build_parser():
     group.add_argument("--hnsw_ef_search", type=int, default=index_defaults.hnsw_ef_search,
                        help="Candidate list size of hnsw while searching (higher: slower and closer to exact)")
     group.add_argument("--index_train_size", type=int, default=index_defaults.index_train_size,
-                       help="Database vectors sampled to train ivf / ivfpq (None: 64 per list)")
+                       help="Database vectors sampled to train ivf / ivfpq (None: 64 per list, or per entry of "
+                            "the 256-entry PQ codebooks if more)")
     group.add_argument("--descriptors_folder", type=str, default=None,
                        help="eval.py: keep descriptors (in shards), the PCA and the indexes here, to resume an "
                             "interrupted extraction or reuse them in later runs (default with a large-scale flag: "

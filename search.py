@@ -189,8 +189,9 @@ def _too_small(max_ram_gb, needed_bytes, what):
 def plan_exact_search(max_ram_gb, dim, queries_num, k):
     """(database rows per block, query vectors per chunk) so that the search fits `max_ram_gb` (None: the
     default budget): the running results [queries, k] (three copies while merging) and a fixed overhead first;
-    a quarter of the rest for a chunk of queries, the rest for the database block. Blocks of at least faiss'
-    database block are multiples of it, as in faiss' own search."""
+    a quarter of the rest for a chunk of queries, the rest for two database blocks (the one searched and the
+    next one read, or the buffer a short last block is copied into). Blocks of at least faiss' database block
+    are multiples of it, as in faiss' own search."""
     vector_bytes = 4 * dim
     results_bytes = 3 * queries_num * k * (4 + 8)
     available = budget_bytes(max_ram_gb) - FIXED_OVERHEAD_BYTES - results_bytes
@@ -198,7 +199,7 @@ def plan_exact_search(max_ram_gb, dim, queries_num, k):
         raise _too_small(max_ram_gb, FIXED_OVERHEAD_BYTES + results_bytes + 2 * vector_bytes,
                          f"search {queries_num} query descriptors of size {dim} for their top {k}")
     query_rows = max(1, min(queries_num, available // 4 // vector_bytes))
-    database_rows = max(1, (available - query_rows * vector_bytes) // vector_bytes)
+    database_rows = max(1, (available - query_rows * vector_bytes) // 2 // vector_bytes)
     blas_block = faiss.cvar.distance_compute_blas_database_bs
     if database_rows >= blas_block:
         database_rows -= database_rows % blas_block
@@ -274,8 +275,8 @@ FAISS_INDEXES = {
 }
 # A product quantizer with 8-bit codes has 256 centroids per sub-vector: it needs at least that many samples
 PQ_CENTROIDS = 256
-# Default number of training vectors per inverted list (faiss warns below 39)
-TRAIN_VECTORS_PER_LIST = 64
+# Default number of training vectors per centroid (inverted list, or PQ codebook entry; faiss warns below 39)
+TRAIN_VECTORS_PER_CENTROID = 64
 # Default --pq_bytes: the largest divisor of the descriptor size up to this
 DEFAULT_MAX_PQ_BYTES = 64
 
@@ -295,13 +296,14 @@ def get_index_type(name):
 def resolve_params(name, params, dim, database_rows, max_ram_gb):
     """The build parameters of index `name` for this database: defaults derived from the data, checked.
     Returns a dict (saved with the index): for IVF ivf_lists (default 4 * sqrt(rows)) and train_rows (default
-    64 per list, at most the database and a quarter of the budget); for PQ pq_bytes (default the largest
-    divisor of dim up to 64); for HNSW hnsw_m and hnsw_ef_construction."""
+    64 per centroid: per list, or per PQ codebook entry if more; at most the database and a quarter of the
+    budget); for PQ pq_bytes (default the largest divisor of dim up to 64); for HNSW hnsw_m and
+    hnsw_ef_construction."""
     resolved = {"index": name, "dim": int(dim)}
     if name in ("ivf", "ivfpq"):
         lists = params.ivf_lists or max(1, min(database_rows, round(4 * math.sqrt(database_rows))))
-        wanted = params.index_train_size or max(TRAIN_VECTORS_PER_LIST * lists,
-                                                 PQ_CENTROIDS if name == "ivfpq" else 0)
+        wanted = params.index_train_size or TRAIN_VECTORS_PER_CENTROID * max(
+            lists, PQ_CENTROIDS if name == "ivfpq" else 0)
         fitting = max(1, budget_bytes(max_ram_gb) // 4 // (4 * dim))
         train_rows = min(wanted, database_rows, fitting)
         if train_rows < wanted and params.index_train_size:
@@ -346,11 +348,13 @@ def index_folder_name(resolved, database_fingerprint):
 
 @dataclass
 class BuiltIndex:
-    """An index saved in parts: parts[i] covers database rows ranges[i] = (start, end)."""
+    """An index saved in parts: parts[i] covers database rows ranges[i] = (start, end). `reused`: loaded from
+    an earlier build (build_seconds is that build's)."""
     folder: str
     resolved: dict
     ranges: list = field(default_factory=list)
     build_seconds: float = 0.0
+    reused: bool = False
 
     def part_path(self, part):
         return os.path.join(self.folder, INDEX_FILE_PATTERN.format(part))
@@ -363,7 +367,8 @@ def load_built_index(folder):
             info = json.load(file)
     except (OSError, ValueError):
         return None
-    built = BuiltIndex(folder, info["resolved"], [tuple(r) for r in info["ranges"]], info["build_seconds"])
+    built = BuiltIndex(folder, info["resolved"], [tuple(r) for r in info["ranges"]], info["build_seconds"],
+                       reused=True)
     return built if all(os.path.exists(built.part_path(p)) for p in range(len(built.ranges))) else None
 
 
@@ -399,6 +404,7 @@ def build_index(name, params, database, max_ram_gb, folder):
         index = faiss.deserialize_index(trained)
         for _, block in database.blocks(add_rows, part_start, part_end):
             index.add(block)
+            del block  # before the next one is read
         path = built.part_path(part)
         faiss.write_index(index, path + ".incomplete")
         os.replace(path + ".incomplete", path)
@@ -493,6 +499,7 @@ def search_descriptors(database, queries, k, settings, index_folder=None):
         streaming = StreamingExactSearch(queries, k, database_rows, query_rows)
         for _, block in database.blocks(database_rows):
             streaming.add(block)
+            del block  # before the next one is read
         distances, predictions = streaming.result()
         return SearchResult(distances, predictions, 0.0, streaming.seconds)
     if index_folder is None:
@@ -502,4 +509,5 @@ def search_descriptors(database, queries, k, settings, index_folder=None):
     query_rows = max(1, query_rows // 2)  # the other half of a chunk's share: the part being searched
     start_time = time.perf_counter()
     distances, predictions = search_built_index(built, settings.params, queries, k, query_rows)
-    return SearchResult(distances, predictions, built.build_seconds, time.perf_counter() - start_time)
+    return SearchResult(distances, predictions, 0.0 if built.reused else built.build_seconds,
+                        time.perf_counter() - start_time)
