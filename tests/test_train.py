@@ -109,3 +109,53 @@ def test_killed_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_one(t
     assert resumed_last["recalls"] == reference_last["recalls"]
     # The best model of the killed run came along, so the final test has one even without improvement
     assert os.path.isfile(os.path.join(resumed_folder, "best_model.pth"))
+
+
+# ---------------------------------------------------------------------------------------------- pieces of train.py
+
+def _args(*flags):
+    import parser
+    return parser.parse_arguments(["--device", "cpu", *flags], require_dataset=False)
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_optimizer_takes_the_trainable_parameters(optim):
+    import network
+    import train
+    args = _args("--optim", optim, "--lr", "0.01")
+    model = network.make_model("resnet18conv4", "gem", pretrain="none", resize=(32, 48))
+    optimizer = train.make_optimizer(args, model)
+    params = optimizer.param_groups[0]["params"]
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["lr"] == 0.01
+    assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(params) < len(list(model.parameters()))  # the frozen stem and layers 1-2 are left out
+    if optim == "sgd":
+        assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 0.001
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_crn_has_its_own_learning_rate(optim):
+    import network
+    import train
+    args = _args("--aggregation", "crn", "--resume", "x.pth", "--optim", optim, "--lr_crn_layer", "0.5",
+                 "--lr_crn_net", "0.05")
+    model = network.make_model("resnet18conv4", "crn", netvlad_clusters=8, pretrain="none", resize=(32, 48))
+    crn_group, net_group = train.make_optimizer(args, model).param_groups
+    crn_ids = {id(p) for p in model.aggregation.crn.parameters() if p.requires_grad}
+    assert {id(p) for p in crn_group["params"]} == crn_ids and crn_group["lr"] == 0.5
+    assert net_group["lr"] == 0.05 and not crn_ids & {id(p) for p in net_group["params"]}
+    assert len(crn_group["params"]) + len(net_group["params"]) == \
+        len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_autocast_dtype():
+    import train
+    assert train.autocast_dtype(False, torch.device("cpu")) is None
+    assert train.autocast_dtype(True, torch.device("cpu")) == torch.bfloat16
+
+
+def test_training_needs_r5_among_the_recall_values(tmp_path, datasets_folder):
+    result = subprocess.run(_command(datasets_folder, TINY_FLAGS, "--recall_values", "1", "10"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=_environment())
+    assert result.returncode == 1
+    assert "error: Training keeps the model with the best R@5: add 5 to --recall_values (now 1 10)" in result.stderr
