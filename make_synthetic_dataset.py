@@ -6,7 +6,7 @@ drawn in perspective by a pinhole camera that looks along the street. Database c
 street in both directions, one every DATABASE_SPACING_M metres per direction; queries stand at random
 places on the street with a small change of viewpoint (position, heading, height, pitch, field of view)
 and differ in light, colour, blur and noise. As the camera looks along the street, two places 25 m apart
-see mostly the same buildings, while 100 m and more apart they see mostly different ones (haze fades
+share many of the buildings they see, while 100 m and more apart they see mostly different ones (haze fades
 what is far away), so retrieval can be learned.
 
 Training queries "without positives": the training database has a few holes (GAP_LENGTH_M metres longer
