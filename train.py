@@ -31,6 +31,7 @@ import mining
 import network
 import parser
 import results
+import search
 import test
 import util
 from commons import UserInputError
@@ -158,7 +159,7 @@ def evaluate(args, eval_ds, model, test_method, world):
     outcome = None
     if world.rank == 0:
         k = min(max(args.recall_values), len(database))
-        distances, predictions = test.exact_search(database, queries.reshape(-1, queries.shape[-1]), k)
+        distances, predictions = search.exact_search(database, queries.reshape(-1, queries.shape[-1]), k)
         if method.merge_predictions is not None:
             shape = (len(queries), queries.shape[1], k)
             predictions = method.merge_predictions(predictions.reshape(shape), distances.reshape(shape), k,

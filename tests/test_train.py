@@ -2,6 +2,7 @@
 import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +33,34 @@ def datasets_folder(request, tmp_path_factory):
                                             val_database_num=30, val_queries_num=10, test_database_num=30,
                                             test_queries_num=10, image_size=(48, 64))
     return folder
+
+
+STREET = "train_tests_street"
+STREET_FLAGS = ["--dataset_name", STREET, "--pretrain", "none", "--backbone", "resnet18conv4", "--aggregation", "gem",
+                "--resize", "48", "64", "--device", "cpu", "--num_workers", "0", "--epochs_num", "6",
+                "--queries_per_epoch", "32", "--cache_refresh_rate", "32", "--neg_samples_num", "40",
+                "--negs_num_per_query", "2", "--train_batch_size", "4", "--lr", "0.001", "--patience", "30",
+                "--save_dir", "learns"]
+
+
+@pytest.fixture(scope="session")
+def street_folder(datasets_folder):
+    """One synthetic street whose training split is also the val and test splits.
+
+    From random weights, a few seconds of training do not transfer to another street (the synthetic splits
+    are different streets): this checks that the loop optimises retrieval, on the place it trained on.
+    """
+    street = os.path.join(datasets_folder, STREET)
+    if not os.path.isdir(street):
+        source = make_synthetic_dataset.generate_dataset(
+            os.path.join(datasets_folder, "sources"), STREET, seed=7, train_database_num=60, train_queries_num=40,
+            val_database_num=10, val_queries_num=5, test_database_num=10, test_queries_num=5, image_size=(48, 64))
+        temporary = street + ".partial"
+        shutil.rmtree(temporary, ignore_errors=True)
+        for split in ("train", "val", "test"):
+            shutil.copytree(os.path.join(source, "images", "train"), os.path.join(temporary, "images", split))
+        os.replace(temporary, street)
+    return datasets_folder
 
 
 def _command(datasets_folder, flags, *extra):
@@ -109,6 +138,31 @@ def test_killed_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_one(t
     assert resumed_last["recalls"] == reference_last["recalls"]
     # The best model of the killed run came along, so the final test has one even without improvement
     assert os.path.isfile(os.path.join(resumed_folder, "best_model.pth"))
+
+
+@pytest.mark.slow
+def test_training_from_random_weights_beats_the_untrained_model(tmp_path, street_folder):
+    import commons
+    import datasets_ws
+    import network
+    import parser
+    import test
+    args = parser.parse_arguments(["--datasets_folder", street_folder, *STREET_FLAGS])
+    commons.make_deterministic(args.seed)  # the same initial weights as train.py's
+    test_ds = datasets_ws.GeoDataset(street_folder, STREET, "test", args.val_positive_dist_threshold)
+    untrained_recalls, _ = test.test(args, test_ds, network.build_model(args))
+
+    result = _run(tmp_path, _command(street_folder, STREET_FLAGS))
+    run_folder, = _run_folders(tmp_path, "learns")
+    assert {"info.log", "debug.log", "last_model.pth", "best_model.pth", "results.json"} <= set(os.listdir(run_folder))
+    info = _read(os.path.join(run_folder, "info.log"))
+    assert re.findall(r"Start training epoch: (\d+)", info) == [f"{e:02d}" for e in range(6)]
+    assert "average epoch triplet loss" in info and "Cache: 0 / 1" in _read(os.path.join(run_folder, "debug.log"))
+    trained_r1 = float(re.search(r"Recalls on < [^>]*>: R@1: ([\d.]+)", info).group(1))
+    assert trained_r1 >= untrained_recalls[1] + 25, (untrained_recalls[1], trained_r1)  # 35.0 -> 87.5 here
+    assert '"split": "test"' in result.stdout
+    last = checkpoint.load_checkpoint(os.path.join(run_folder, "last_model.pth"))
+    assert last["epoch_num"] == 5
 
 
 # ---------------------------------------------------------------------------------------------- pieces of train.py
