@@ -33,8 +33,8 @@ trained="$("$PY" train.py "${COMMON[@]}" "${MODEL[@]}" "${TRAINING[@]}" --save_d
 run_folder="$(result_value run_folder <<< "$trained")"
 
 echo "== 4/4 The trained model, $run_folder/best_model.pth, evaluated with eval.py"
-evaluated="$("$PY" eval.py "${COMMON[@]}" "${MODEL[@]}" --resume "$run_folder/best_model.pth" --save_dir demo_eval "$@" \
-             | tee /dev/stderr)"
+evaluated="$("$PY" eval.py "${COMMON[@]}" "${MODEL[@]}" --resume "$run_folder/best_model.pth" \
+             --save_dir demo_eval "$@" | tee /dev/stderr)"
 
 echo
 echo "Test split of $DATASET       R@1    R@5"

@@ -118,7 +118,8 @@ def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, marg
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     batches_num, loss = 0, torch.zeros(())
-    for images, triplets in tqdm(loader, ncols=100, desc="Training", disable=None if commons.is_main_process() else True):
+    show_progress = None if commons.is_main_process() else True  # tqdm: None shows bars on terminals only
+    for images, triplets in tqdm(loader, ncols=100, desc="Training", disable=show_progress):
         if horizontal_flip:
             images = T.RandomHorizontalFlip()(images)  # all the groups of the batch, or none
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -157,7 +157,8 @@ def test_msls_weighted_equals_the_reference_with_the_weights():
 
 
 def test_msls_weights_by_hand():
-    paths = [f"/q/@0@0@@@@@@@@@@@@{note}@.jpg" for note in ["day_forward", "night_forward", "day_sideways", "day_forward"]]
+    notes = ["day_forward", "night_forward", "day_sideways", "day_forward"]
+    paths = [f"/q/@0@0@@@@@@@@@@@@{note}@.jpg" for note in notes]
     weights = mining.msls_query_weights(paths)
     raw = np.array([1, 1 + 4 / 1, 1 + 4 / 1, 1])
     np.testing.assert_allclose(weights, raw / raw.sum())

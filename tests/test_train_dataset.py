@@ -63,8 +63,8 @@ def test_item_is_query_positive_negatives_stacked(toy):
     assert images.shape == (5, 3) + RESIZE
     assert triplet.tolist() == [2, 4, 0, 1, 2]
     # Database images: PIL resize, then ToTensor and normalisation
-    expected = datasets_ws.base_transform(Image.open(dataset.database_paths[1]).convert("RGB").resize(RESIZE[::-1],
-                                                                                                         Image.BILINEAR))
+    pil_resized = Image.open(dataset.database_paths[1]).convert("RGB").resize(RESIZE[::-1], Image.BILINEAR)
+    expected = datasets_ws.base_transform(pil_resized)
     torch.testing.assert_close(images[3], expected)
 
 
