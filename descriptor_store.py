@@ -175,12 +175,15 @@ def describe_differences(found, expected):
     return ", ".join(sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key)))
 
 
-def open_shards(folder, fingerprint, rows, shard_rows, dtype, create=True):
+def open_shards(folder, fingerprint, rows, shard_rows, dtype, owner=True):
     """The DescriptorShards in `folder`: the existing ones when their manifest has the same `fingerprint`
     (their shard layout then wins over `shard_rows`), else new ones (writing the manifest) when the folder has
     none. A folder made by another model, dataset or setting is a UserInputError that names what differs.
 
     fingerprint: dict of JSON values; rows: number of images; dtype: a key of DESCRIPTOR_DTYPES.
+    owner: this process may create the folder and removes what a crash left; among several processes sharing
+    the folder, one is the owner and opens it first, the others only open it (they might otherwise remove a
+    shard another one is writing).
     """
     if dtype not in DESCRIPTOR_DTYPES:
         raise UserInputError(f"Unknown descriptors dtype '{dtype}'; valid: {', '.join(DESCRIPTOR_DTYPES)}")
@@ -193,11 +196,11 @@ def open_shards(folder, fingerprint, rows, shard_rows, dtype, create=True):
                 f"The descriptors folder {folder} was made by another model, dataset or setting "
                 f"({describe_differences(found, fingerprint) or 'format version'} differ). Pass another "
                 f"--descriptors_folder, or delete this one to extract again")
-        # Pieces of shards left by a crash are never complete: remove them
-        for leftover in glob.glob(os.path.join(folder, "*" + TEMPORARY_SUFFIX)):
-            os.remove(leftover)
+        if owner:  # pieces of shards left by a crash are never complete: remove them
+            for leftover in glob.glob(os.path.join(folder, "*" + TEMPORARY_SUFFIX)):
+                os.remove(leftover)
         return DescriptorShards(folder, manifest)
-    if not create:
+    if not owner:
         raise UserInputError(f"{folder} holds no {MANIFEST_NAME}: it is not a descriptors folder")
     os.makedirs(folder, exist_ok=True)
     manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "rows": rows,

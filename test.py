@@ -256,6 +256,7 @@ def store_descriptors(model, paths, folder, fingerprint, transform, resize, batc
         row_bytes = (4 * vector_size * vectors_per_image(transform, resize, mean_of_crops)
                      if vector_size else FALLBACK_ROW_BYTES)
         shard_rows = search.plan_shard_rows(max_ram_gb, row_bytes, batch_size, MAX_SHARD_BYTES)
+    description = description or "Descriptors"
     error = None
     if world.rank == 0:  # one process writes the manifest; the others open it, or fail with the same message
         try:
@@ -265,10 +266,10 @@ def store_descriptors(model, paths, folder, fingerprint, transform, resize, batc
     error = commons.broadcast_object(error, world)
     if error is not None:
         raise UserInputError(error)
-    shards = descriptor_store.open_shards(folder, fingerprint, len(paths), shard_rows, dtype, create=False)
+    shards = descriptor_store.open_shards(folder, fingerprint, len(paths), shard_rows, dtype, owner=False)
     missing = set(shards.missing_shards())
     if world.rank == 0:
-        logging.info(f"{description or 'Descriptors'}: extracting {len(missing)} of {shards.shards_num} shards of "
+        logging.info(f"{description}: extracting {len(missing)} of {shards.shards_num} shards of "
                      f"{shards.shard_rows} images into {folder}"
                      + (f" (the other {shards.shards_num - len(missing)} are there already)"
                         if len(missing) < shards.shards_num else ""))
@@ -309,6 +310,8 @@ def extract_descriptors(args, database_paths, queries_paths, model, test_method=
     as in `retrieve`. Reads from args: device, infer_batch_size, num_workers, resize, descriptors_dtype,
     max_ram_gb (see search.search_settings).
     """
+    if descriptors_folder is None:
+        raise ValueError("extract_descriptors needs the folder to store the descriptors in")
     method = get_test_method(test_method)
     settings = search.search_settings(args)
     device = world.device if world is not None else args.device

@@ -100,6 +100,7 @@ def clustered_store(folder, rows, dim, clusters, intrinsic_dim, spread, seed, sa
 def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
     """The test split of a freshly generated synthetic dataset, described by a random-weight ResNet-18 (conv4) +
     GeM model through test.extract_descriptors. Returns (database shards, queries shards, dataset)."""
+    import commons
     import datasets_ws
     import make_synthetic_dataset
     import network
@@ -115,6 +116,7 @@ def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
         "--aggregation", "gem", "--pretrain", "none", "--resize", str(image_size[0]), str(image_size[1]),
         "--device", "cpu", "--num_workers", str(min(2, os.cpu_count() or 1)), "--seed", str(seed)])
     dataset = datasets_ws.GeoDataset(datasets_folder, "synthetic", "test", args.val_positive_dist_threshold)
+    commons.make_deterministic(args.seed)  # the same random weights in every run
     model = network.build_model(args).eval()
     database, queries = vg_test.extract_descriptors(args, dataset.database_paths, dataset.queries_paths, model,
                                                     descriptors_folder=os.path.join(work_folder, "real"))
