@@ -79,3 +79,43 @@ def test_runs_as_a_script(runs):
     lines = completed.stdout.splitlines()
     assert len(lines) == 4 and "sweep/a/2024-01-01_00-00-00" in lines[2]
     assert "Skipping" in completed.stderr and "broken" in completed.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --plot: R@1 against the descriptor size or the FLOPs, one labelled point per run
+
+def test_plot_has_one_point_per_run_with_both_numbers(runs, caplog):
+    from PIL import Image
+    plot = runs / "plot.png"
+    rows = gather_results.main([str(runs / "sweep"), "--plot", str(plot), "--plot_x", "GFLOPs"])
+    # The second run has no FLOPs: it is in the table but not on the plot, and the log says so
+    points, skipped = gather_results.plot_points(rows, "GFLOPs", "R@1")
+    assert points == [("resnet18conv4", 2.0, 40.0, "pitts30k")]
+    assert skipped == [rows[1]["run"]] and rows[1]["run"] in caplog.text and "Not on the plot" in caplog.text
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.size == (800, 550)
+
+
+def test_point_labels_name_what_varies():
+    def row(run, **values):
+        return dict({"run": run, "dataset": "pitts30k", "backbone": "resnet18conv4", "pca_dim": ""}, **values)
+    rows = [row("logs/sweep/a/2024-01-01", pca_dim=256, aggregation="gem"),
+            row("logs/sweep/b/2024-01-02", pca_dim=512, aggregation="netvlad")]
+    points, skipped = gather_results.plot_points([dict(r, size=1, **{"R@5": 9.5}) for r in rows], "size", "R@5")
+    assert [point[0] for point in points] == ["gem pca_dim=256", "netvlad pca_dim=512"] and skipped == []
+    # Nothing varies: the folder above the run folder (the sweep's label for that run)
+    same = [row("logs/sweep/a/2024-01-01"), row("logs/sweep/b/2024-01-02")]
+    assert [gather_results.point_label(r, ("dataset", "backbone"), same) for r in same] == ["a", "b"]
+    # A flag given with --columns takes part too
+    lrs = [dict(row("x/a/1"), lr=1e-5), dict(row("x/b/2"), lr=1e-4)]
+    assert gather_results.point_label(lrs[1], ("backbone", "lr"), lrs) == "lr=0.0001"
+
+
+def test_plot_flags_are_checked(runs, capsys):
+    with pytest.raises(SystemExit):
+        gather_results.main([str(runs / "sweep"), "--plot", str(runs / "plot.jpg")])
+    assert "plot.jpg: the plot is a PNG file, give a name ending in .png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gather_results.main([str(runs / "sweep"), "--plot", str(runs / "plot.png"), "--plot_x", "flops"])
+    assert "--plot_x flops: no such column" in capsys.readouterr().err
+    assert not (runs / "plot.png").exists()

@@ -1,7 +1,9 @@
 """Gather the results.json files of many runs into one table, as Markdown (printed, and saved with --output)
-and CSV (saved with --output): one row per run with its key flags, recalls, descriptor size, FLOPs and times.
+and CSV (saved with --output): one row per run with its key flags, recalls, descriptor size, FLOPs and times;
+and, with --plot, a PNG of R@1 (--plot_y) against the descriptor size (--plot_x), one point per run.
 
     python tools/gather_results.py logs/sweep_lr logs/sweep_mining --output sweep --columns lr mining
+    python tools/gather_results.py logs/sweeps/resize --plot resize.png --plot_x GFLOPs
 """
 import os
 import sys
@@ -17,6 +19,8 @@ from results import RESULTS_FILENAME, main_split, read_results
 
 # Flags that tell runs apart in most sweeps; --columns adds more
 KEY_FLAGS = ("backbone", "aggregation", "fc_output_dim", "pca_dim", "test_method", "resize")
+# Numeric columns of the table that make sense on a plot's axes (besides the R@N)
+PLOT_AXES = ("descriptor_size", "GFLOPs", "params_M", "extraction_s", "search_s", "total_s")
 
 
 def find_results_files(folders):
@@ -108,6 +112,59 @@ def write_csv(path, rows):
         writer.writerows(rows)
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def point_label(row, columns, rows):
+    """What tells this run apart: its values of the columns that vary among `rows`, names as they are and
+    numbers with their column ("resnet50conv4 gem", "pca_dim=256"); else the name of the folder that holds its
+    run folder (a sweep's label, or the --save_dir)."""
+    varying = [column for column in columns if len({str(other.get(column, "")) for other in rows}) > 1]
+    parts = [str(row[column]) if isinstance(row[column], str) else f"{column}={row[column]}"
+             for column in varying if row.get(column, "") != ""]
+    return " ".join(parts) if parts else os.path.basename(os.path.dirname(row["run"]))
+
+
+def plot_points(rows, x_column, y_column, extra_flags=()):
+    """(label, x, y, dataset) of each row with numbers in both columns, and the runs of the rows without."""
+    columns = ("dataset", *KEY_FLAGS, *extra_flags)
+    points, skipped = [], []
+    for row in rows:
+        if _is_number(row.get(x_column)) and _is_number(row.get(y_column)):
+            points.append((point_label(row, columns, rows), row[x_column], row[y_column], row["dataset"]))
+        else:
+            skipped.append(row["run"])
+    return points, skipped
+
+
+def save_plot(path, points, x_column, y_column, title=None):
+    """A scatter plot of the points, one colour per dataset, each point labelled; a log x axis when the x values
+    span more than a factor 10 (descriptor sizes from 256 to 65536)."""
+    import matplotlib  # imported here: only --plot needs it
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(8, 5.5), dpi=100)
+    for dataset in dict.fromkeys(point[3] for point in points):
+        series = [point for point in points if point[3] == dataset]
+        axes.scatter([point[1] for point in series], [point[2] for point in series], label=dataset or None)
+        for label, x, y, _ in series:
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    xs = [point[1] for point in points]
+    if xs and min(xs) > 0 and max(xs) > 10 * min(xs):
+        axes.set_xscale("log")
+    axes.set_xlabel(x_column)
+    axes.set_ylabel(f"{y_column} (%)" if y_column.startswith("R@") else y_column)
+    axes.grid(True, alpha=0.3)
+    if title:
+        axes.set_title(title)
+    if len({point[3] for point in points}) > 1:
+        axes.legend(title="dataset")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -120,13 +177,24 @@ def main(argv=None):
     parser.add_argument("--split", default=None,
                         help="Recalls of this split (e.g. val); default: test when present, else the last")
     parser.add_argument("--sort", default=None, metavar="COLUMN", help="Sort by this column, e.g. R@1")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="Also save a plot of --plot_y against --plot_x, one labelled point per run, to this file")
+    parser.add_argument("--plot_x", default="descriptor_size", metavar="COLUMN",
+                        help=f"x axis of --plot: {', '.join(PLOT_AXES)}")
+    parser.add_argument("--plot_y", default="R@1", metavar="COLUMN", help="y axis of --plot: an R@N or an x column")
     args = parser.parse_args(argv)
+    if args.plot is not None and not args.plot.lower().endswith(".png"):
+        parser.error(f"--plot {args.plot}: the plot is a PNG file, give a name ending in .png")
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
         paths = find_results_files(args.folders)
     except FileNotFoundError as error:
         parser.error(str(error))
     rows = table_rows(load_all(paths), args.columns, args.split)
+    if args.plot is not None:
+        for flag, column in (("plot_x", args.plot_x), ("plot_y", args.plot_y)):
+            if rows and column not in rows[0]:
+                parser.error(f"--{flag} {column}: no such column; columns: {', '.join(rows[0])}")
     if args.sort:
         if rows and args.sort not in rows[0]:
             parser.error(f"--sort {args.sort}: no such column; columns: {', '.join(rows[0])}")
@@ -138,6 +206,13 @@ def main(argv=None):
             file.write(markdown)
         write_csv(f"{args.output}.csv", rows)
         logging.info(f"{len(rows)} runs written to {args.output}.md and {args.output}.csv")
+    if args.plot is not None:
+        points, skipped = plot_points(rows, args.plot_x, args.plot_y, args.columns)
+        if skipped:
+            logging.warning(f"Not on the plot (no {args.plot_x} or {args.plot_y}): {', '.join(skipped)}")
+        save_plot(args.plot, points, args.plot_x, args.plot_y,
+                  title=f"{args.plot_y} against {args.plot_x}, {len(points)} runs")
+        logging.info(f"{len(points)} runs plotted in {args.plot}")
     return rows
 
 
