@@ -10,10 +10,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 RUN_FOLDER_TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 LOG_FORMAT = "%(asctime)s   %(message)s"
 LOG_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+CONSOLE_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
 class UserInputError(Exception):
@@ -50,10 +52,21 @@ def make_run_folder(logs_folder, save_dir, start_time=None):
             candidate = f"{base}_{suffix}"
 
 
+def describe_run_folder(output_folder):
+    """The log line that says where a run is saved, and why the folder name has a `_N` suffix when it has one."""
+    name = os.path.basename(os.path.normpath(output_folder))
+    base, _, suffix = name.rpartition("_")
+    if suffix.isdigit() and base:
+        return (f"The outputs are being saved in {output_folder} ({os.path.join(os.path.dirname(output_folder), base)} "
+                "already exists, from another run: runs never share a folder)")
+    return f"The outputs are being saved in {output_folder}"
+
+
 def setup_logging(output_folder, console="debug", info_filename="info.log", debug_filename="debug.log"):
     """Log to `info.log` (INFO and up), `debug.log` (everything) in `output_folder`, and the console.
 
-    `console` is "debug", "info" or None (no console output). Uncaught exceptions are written to the logs too.
+    `console` is "debug", "info", "warning" or None (no console output). Uncaught exceptions are written to the
+    logs too.
     """
     root_logger = logging.getLogger("")
     for handler in list(root_logger.handlers):
@@ -73,7 +86,7 @@ def setup_logging(output_folder, console="debug", info_filename="info.log", debu
         if debug_filename is not None:
             add_handler(logging.FileHandler(os.path.join(output_folder, debug_filename)), logging.DEBUG)
     if console is not None:
-        add_handler(logging.StreamHandler(sys.stdout), logging.DEBUG if console == "debug" else logging.INFO)
+        add_handler(logging.StreamHandler(sys.stdout), CONSOLE_LEVELS[console])
     # Libraries that log at DEBUG (PIL, matplotlib) would flood debug.log
     for noisy in ("PIL", "matplotlib", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -84,6 +97,25 @@ def setup_logging(output_folder, console="debug", info_filename="info.log", debu
             return
         logging.error("".join(traceback.format_exception(exc_type, exc_value, exc_traceback)))
     sys.excepthook = log_uncaught
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Progress bars: on stderr (never in info.log / debug.log), with the rate and the time left
+
+# True: always; False: never (--quiet); None: when stderr is a terminal (not when it is redirected to a file)
+_progress_bars = None
+
+
+def set_progress_bars(enabled):
+    """Whether the loops show progress bars: True, False, or None (only on a terminal, the default)."""
+    global _progress_bars
+    _progress_bars = enabled
+
+
+def progress_bar(iterable, description=None, total=None, unit="it"):
+    """`iterable` wrapped in a tqdm bar on stderr; shown by the main process only, as set_progress_bars says."""
+    disable = True if not is_main_process() or _progress_bars is False else (False if _progress_bars else None)
+    return tqdm(iterable, desc=description, total=total, unit=unit, ncols=100, file=sys.stderr, disable=disable)
 
 
 def log_command_and_arguments(args):

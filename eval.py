@@ -118,13 +118,14 @@ def main():
     # Under torchrun every process extracts its share of the descriptors; rank 0 alone writes the run folder
     world = commons.setup_distributed(args.device)
     output_folder = on_rank_0(world, lambda: commons.make_run_folder(LOGS_FOLDER, args.save_dir, start_time))
+    commons.set_progress_bars(False if args.quiet else None)
     if world.rank == 0:
-        commons.setup_logging(output_folder)
+        commons.setup_logging(output_folder, console="warning" if args.quiet else "debug")
         commons.log_command_and_arguments(args)
     else:
         commons.setup_worker_logging(world.rank)
     commons.make_deterministic(args.seed)
-    logging.info(f"The outputs are being saved in {output_folder}")
+    logging.info(commons.describe_run_folder(output_folder))
     descriptors_folder = descriptors_folder_of(args, output_folder, world)
 
     # Model

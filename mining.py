@@ -21,7 +21,6 @@ import faiss
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import commons
 from commons import UserInputError
@@ -174,7 +173,7 @@ class RandomMining(Mining):
 
     def negatives(self, plan, cache):
         rows = []
-        for query_index in plan.queries_indexes:
+        for query_index in commons.progress_bar(plan.queries_indexes, "Mining", unit="queries"):
             soft_positives = self.soft_positives_per_query[query_index]
             neg_indexes = np.random.choice(self.database_num, self.negs_num_per_query + len(soft_positives),
                                            replace=False)
@@ -238,7 +237,8 @@ class FullMining(PartialMining):
 
     def negatives(self, plan, cache):
         candidates = []
-        for query_index in plan.queries_indexes:
+        # One draw over the whole database per query: seconds for large databases
+        for query_index in commons.progress_bar(plan.queries_indexes, "Mining", unit="queries"):
             neg_indexes = np.random.choice(self.database_num, self.neg_samples_num, replace=False)
             neg_indexes = np.setdiff1d(neg_indexes, self.soft_positives_per_query[query_index], assume_unique=True)
             previous = self.neg_cache[query_index]
@@ -332,8 +332,7 @@ class FeatureExtractor:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                              enabled=self.autocast_dtype is not None):
             done = 0
-            for images, batch_indexes in tqdm(self.loader, ncols=100, desc=description,
-                                              disable=None if commons.is_main_process() else True):
+            for images, batch_indexes in commons.progress_bar(self.loader, description):
                 # The sampler yields in order, so each batch fills the next rows
                 local[done:done + len(batch_indexes)] = model(images.to(self.device, non_blocking=True)).float().cpu()
                 done += len(batch_indexes)

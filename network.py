@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, SubsetRandomSampler
-from tqdm import tqdm
 
 import util
-from commons import UserInputError
+from commons import UserInputError, progress_bar
 from model import zoo
 from model.aggregation import AGGREGATIONS, L2Norm, Flatten, NetVLAD, get_aggregation_spec
 from model.backbones import BACKBONES, get_backbone_spec
@@ -183,7 +182,7 @@ def initialize_netvlad(netvlad_layer, backbone, images_dataset, device, infer_ba
     descriptors = []
     with torch.no_grad():
         logging.debug("Extracting features to initialize NetVLAD layer")
-        for inputs, _ in tqdm(random_dl, ncols=100):
+        for inputs, _ in progress_bar(random_dl, "NetVLAD initialisation"):
             outputs = backbone(inputs.to(device))
             image_descriptors = _local_descriptors(outputs, netvlad_layer.work_with_tokens).cpu().numpy()
             locations_num = image_descriptors.shape[1]

@@ -111,6 +111,9 @@ def build_parser():
                        choices=["cuda", "cpu"], help="Device (cuda when available)")
     group.add_argument("--num_workers", type=int, default=_default_num_workers(),
                        help="Number of data-loading worker processes")
+    group.add_argument("--quiet", action="store_true",
+                       help="No progress bars, and only warnings and errors on the console (info.log and debug.log "
+                            "still get everything); without it, bars are shown when stderr is a terminal")
     group.add_argument("--resize", type=int, default=[480, 640], nargs=2, metavar=("H", "W"),
                        help="Resizing shape for images (HxW)")
     group.add_argument("--test_method", type=_with_aliases(TEST_METHOD_ALIASES), default="hard_resize",

@@ -9,6 +9,7 @@ from numpy.lib.format import open_memmap
 from PIL import Image, ImageDraw, ImageFont
 
 import datasets_ws
+from commons import progress_bar
 
 PREDICTIONS_FOLDER = "predictions"
 PREDICTIONS_CSV = "predictions.csv"
@@ -90,7 +91,7 @@ def save_prediction_pictures(folder, query_indices, queries_paths, database_path
                              positives_mask=None, queries_utms=None, database_utms=None):
     """One PNG per query of `query_indices`: query_<index>.png. Returns the paths written."""
     written = []
-    for q in query_indices:
+    for q in progress_bar(query_indices, "Prediction pictures", unit="queries"):
         correct = positives_mask[q] if positives_mask is not None else [None] * len(predictions[q])
         captions = []
         for rank, (d, distance) in enumerate(zip(predictions[q], l2_distances(distances[q])), start=1):

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import faiss
 import numpy as np
 
-from commons import UserInputError
+from commons import UserInputError, progress_bar
 from descriptor_store import sha256_of_strings
 
 GIB = 1024 ** 3
@@ -399,17 +399,20 @@ def build_index(name, params, database, max_ram_gb, folder):
     part_rows = max(1, int(budget_bytes(max_ram_gb) // 2 // vector_bytes))
     add_rows = max(1, min(part_rows, budget_bytes(max_ram_gb) // 8 // (4 * dim)))
     built = BuiltIndex(index_folder, resolved)
+    bar = progress_bar(None, f"Building the {name} index", total=database.rows, unit="vectors")
     for part, part_start in enumerate(range(0, database.rows, part_rows)):
         part_end = min(part_start + part_rows, database.rows)
         index = faiss.deserialize_index(trained)
         for _, block in database.blocks(add_rows, part_start, part_end):
             index.add(block)
+            bar.update(len(block))
             del block  # before the next one is read
         path = built.part_path(part)
         faiss.write_index(index, path + ".incomplete")
         os.replace(path + ".incomplete", path)
         built.ranges.append((part_start, part_end))
         del index
+    bar.close()
     built.build_seconds = time.perf_counter() - start_time
     with open(os.path.join(index_folder, INDEX_INFO_NAME), "w") as file:
         json.dump({"resolved": resolved, "ranges": built.ranges, "build_seconds": built.build_seconds}, file,
@@ -427,6 +430,7 @@ def search_built_index(built, params, queries, k, query_chunk_rows):
     queries_num = len(queries)
     distances = np.full((queries_num, 0), np.inf, dtype=np.float32)
     predictions = np.full((queries_num, 0), -1, dtype=np.int64)
+    bar = progress_bar(None, "Searching", total=queries_num * len(built.ranges), unit="queries")
     for part, (part_start, _) in enumerate(built.ranges):
         index = faiss.read_index(built.part_path(part))
         index_type.configure(index, params)
@@ -439,8 +443,10 @@ def search_built_index(built, params, queries, k, query_chunk_rows):
             chunk_predictions = np.where(chunk_predictions >= 0, chunk_predictions + part_start, -1)
             part_distances[start:end], part_predictions[start:end] = merge_top_k(
                 distances[start:end], predictions[start:end], chunk_distances, chunk_predictions, k)
+            bar.update(end - start)
         distances, predictions = part_distances, part_predictions
         del index
+    bar.close()
     return distances, predictions
 
 
@@ -497,9 +503,12 @@ def search_descriptors(database, queries, k, settings, index_folder=None):
         database_rows, query_rows = plan_exact_search(settings.max_ram_gb, dim, len(queries), k)
         logging.debug(f"Exact search in blocks of {database_rows} database vectors and {query_rows} queries")
         streaming = StreamingExactSearch(queries, k, database_rows, query_rows)
+        bar = progress_bar(None, "Searching", total=database.rows, unit="vectors")
         for _, block in database.blocks(database_rows):
             streaming.add(block)
+            bar.update(len(block))
             del block  # before the next one is read
+        bar.close()
         distances, predictions = streaming.result()
         return SearchResult(distances, predictions, 0.0, streaming.seconds)
     if index_folder is None:

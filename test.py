@@ -22,7 +22,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import commons
 import datasets_ws
@@ -190,7 +189,7 @@ def descriptor_batches(model, loader, device, mean_of_crops=False, pca=None, des
     [b, crops, dim]. PCA, when given, is applied after the averaging.
     """
     with torch.no_grad():
-        for images, indices in tqdm(loader, ncols=100, desc=description, disable=None):
+        for images, indices in commons.progress_bar(loader, description):
             crops_num = images.shape[1] if images.dim() == 5 else None
             if crops_num is not None:
                 images = images.flatten(0, 1)

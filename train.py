@@ -22,7 +22,6 @@ import torch
 import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import checkpoint
 import commons
@@ -118,8 +117,7 @@ def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, marg
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     batches_num, loss = 0, torch.zeros(())
-    show_progress = None if commons.is_main_process() else True  # tqdm: None shows bars on terminals only
-    for images, triplets in tqdm(loader, ncols=100, desc="Training", disable=show_progress):
+    for images, triplets in commons.progress_bar(loader, "Training"):
         if horizontal_flip:
             images = T.RandomHorizontalFlip()(images)  # all the groups of the batch, or none
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -199,12 +197,13 @@ def run(args, world):
     is_main = world.rank == 0
     output_folder = commons.make_run_folder("logs", args.save_dir, start_time) if is_main else None
     output_folder = commons.broadcast_object(output_folder, world)
+    commons.set_progress_bars(False if args.quiet else None)
     if is_main:
-        commons.setup_logging(output_folder)
+        commons.setup_logging(output_folder, console="warning" if args.quiet else "debug")
     else:
         commons.setup_worker_logging(world.rank)
     commons.log_command_and_arguments(args)
-    logging.info(f"The outputs are being saved in {output_folder}")
+    logging.info(commons.describe_run_folder(output_folder))
     logging.info(f"Using {world.world_size} process(es) on {world.device.type}, {os.cpu_count()} CPUs")
     commons.make_deterministic(args.seed)
     device = world.device

@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import utm
 from PIL import Image, UnidentifiedImageError
 
-from commons import UserInputError, exit_on_user_error
+from commons import UserInputError, exit_on_user_error, progress_bar
 from datasets_ws import IMAGE_EXTENSIONS, SPLITS, find_images, split_folder
 
 GPS_IFD = 0x8825
@@ -227,7 +227,7 @@ def _counts_text(counter):
 def _locate(paths, position_of):
     """Photos with a position; `position_of(path, exif)` gives (lat, lon) or None."""
     photos, without_gps, unreadable = [], [], []
-    for path in paths:
+    for path in progress_bar(paths, "Reading photos", unit="photos"):
         try:
             with _open_for_metadata(path) as image:
                 exif = image.getexif()
@@ -382,7 +382,7 @@ def plan_dataset(photos, output_folder, dataset_name, split="test", queries_ever
 
 def write_dataset(plan, link=False):
     """Copy (byte for byte, EXIF kept) or symlink (absolute target) each source to its destination."""
-    for source, destination in plan:
+    for source, destination in progress_bar(plan, "Writing the dataset", unit="photos"):
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         if link:
             os.symlink(os.path.abspath(source), destination)

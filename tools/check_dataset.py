@@ -26,7 +26,7 @@ import re
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from commons import UserInputError
+from commons import UserInputError, progress_bar
 from datasets_ws import IMAGE_EXTENSIONS, SPLITS, find_images, find_positives, open_image, parse_utm
 
 SUBFOLDERS = ("database", "queries")
@@ -59,7 +59,7 @@ def _read_images(paths, check_images):
     sizes, unreadable = collections.Counter(), []
     if not check_images:
         return None, []
-    for path in paths:
+    for path in progress_bar(paths, "Reading images", unit="images"):
         try:
             image = open_image(path)
         except UserInputError as error:
