@@ -21,6 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
 
 base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+_IMAGENET_MEAN_TENSOR = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+_IMAGENET_STD_TENSOR = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,9 +85,18 @@ def open_image(path):
     return image.convert("RGB")
 
 
+def to_normalised_tensor(image):
+    """`base_transform` (ToTensor, then Normalize with the ImageNet statistics) of an RGB PIL image, bit for bit,
+    in half the time: the same float32 operations in the same order, done in place on one contiguous copy
+    (ToTensor's division by 255 of a contiguous [3, H, W] copy, then Normalize's subtraction and division)."""
+    tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    tensor = tensor.to(dtype=torch.get_default_dtype()).div_(255)
+    return tensor.sub_(_IMAGENET_MEAN_TENSOR).div_(_IMAGENET_STD_TENSOR)
+
+
 def load_image_tensor(path):
     """The normalised tensor [3, H, W] of an image at its own size (ToTensor + ImageNet normalisation)."""
-    return base_transform(open_image(path))
+    return to_normalised_tensor(open_image(path))
 
 
 # Query transforms of the test methods; each takes a normalised tensor [3, H, W] and the target (H, W).
@@ -171,7 +182,7 @@ class GeoDataset:
         without_positives = sum(len(p) == 0 for p in self.soft_positives_per_query)
         if without_positives:
             logging.info(f"{self}: {without_positives} of {self.queries_num} queries have no database image within "
-                         f"{positive_dist_threshold} m; they count as misses in every recall.")
+                         f"{positive_dist_threshold} m; in evaluation they count as misses.")
 
     def _read_folder(self, kind):
         folder = os.path.join(self.dataset_folder, kind)
@@ -195,7 +206,7 @@ class GeoDataset:
 
 def database_training_transform(resize):
     """Database images in training: resize (PIL, bilinear) to `resize` (H, W), ToTensor, normalise."""
-    return T.Compose([T.Resize(list(resize)), base_transform])
+    return T.Compose([T.Resize(list(resize)), to_normalised_tensor])
 
 
 def query_training_transform(resize, brightness=0, contrast=0, saturation=0, hue=0, rand_perspective=0,
