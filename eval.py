@@ -32,7 +32,6 @@ from commons import UserInputError
 
 LOGS_FOLDER = "logs"
 # Model-zoo checkpoints named by --resume are downloaded here once
-MODEL_ZOO_FOLDER = os.path.join(network.WEIGHTS_FOLDER, "model_zoo")
 # Inside the run folder: the descriptors of the large-scale path when --descriptors_folder is not given
 RUN_DESCRIPTORS_FOLDER = "descriptors"
 PCA_FILENAME = "pca.npz"
@@ -40,7 +39,7 @@ PCA_FILENAME = "pca.npz"
 
 def load_resume(args, model):
     """--resume: our checkpoints, the original's files and model-zoo names (downloaded once)."""
-    path = util.resolve_resume(args.resume, MODEL_ZOO_FOLDER)
+    path = util.resolve_resume(args.resume, network.WEIGHTS_FOLDER)
     state_dict = util.load_state_dict_file(path, trusted=args.trust_checkpoint)
     util.load_model_weights(model, state_dict, source=path)
     logging.info(f"Loaded the model weights from {path}")

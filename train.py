@@ -39,7 +39,6 @@ from model.losses import LOSSES
 # The best model is the one with the highest validation R@BEST_MODEL_RECALL
 BEST_MODEL_RECALL = 5
 LAST_MODEL_FILENAME, BEST_MODEL_FILENAME = "last_model.pth", "best_model.pth"
-MODEL_ZOO_FOLDER = os.path.join(network.WEIGHTS_FOLDER, "model_zoo")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def make_optimizer(args, model):
 def load_resume(args, model):
     """Load --resume's weights into `model`. Returns (checkpoint dict, path) when the file can continue a
     training run, else (None, path). A NetVLAD checkpoint starting a CRN model fills the shared layers only."""
-    path = util.resolve_resume(args.resume, MODEL_ZOO_FOLDER)
+    path = util.resolve_resume(args.resume, network.WEIGHTS_FOLDER)
     state = checkpoint.load_checkpoint(path, trusted=args.trust_checkpoint)
     state_dict = util.extract_state_dict(state, path)
     mismatch = util.describe_state_dict_mismatch(model.state_dict(), state_dict)

@@ -305,15 +305,16 @@ def pretrained_net_state_dict(model_name, weights_folder, trusted=False):
 # ----------------------------------------------------------------------------------------------------------
 # Model zoo: --resume by name
 
-def resolve_resume(resume, cache_folder):
+def resolve_resume(resume, weights_folder):
     """Path of the checkpoint that --resume names: an existing file as is, or a model zoo name
-    (see model/zoo.py, e.g. 'resnet18-netvlad-partial-pitts30k') downloaded once into `cache_folder`.
+    (see model/zoo.py, e.g. 'resnet18-netvlad-partial-pitts30k') downloaded once into
+    <weights_folder>/model_zoo/.
     """
     if os.path.isfile(resume):
         return resume
     if resume in zoo.MODEL_ZOO:
         entry = zoo.MODEL_ZOO[resume]
-        path = os.path.join(cache_folder, f"{resume}.pth")
+        path = os.path.join(weights_folder, zoo.MODEL_ZOO_SUBFOLDER, f"{resume}.pth")
         return fetch_google_drive(entry.google_drive_id, path, what=f"the model zoo checkpoint {resume}")
     if os.sep in resume or resume.endswith((".pth", ".pt", ".tar")):
         raise CheckpointError(f"--resume {resume}: no such file; check the path")

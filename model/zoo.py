@@ -41,6 +41,7 @@ CCT384_IMAGENET_URL = "https://shi-labs.com/projects/cct/checkpoints/finetuned/c
 # <weights folder>/off_the_shelf_nets/
 
 OFF_THE_SHELF_SUBFOLDER = "off_the_shelf_nets"
+MODEL_ZOO_SUBFOLDER = "model_zoo"  # checkpoints that --resume names, downloaded once
 # Radenovic (cnnimageretrieval-pytorch): the name's last field is the start of the file's SHA-256
 OFF_THE_SHELF_RADENOVIC_URLS = {
     ("resnet50conv5", "sfm"): "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/retrieval-SfM-120k/"

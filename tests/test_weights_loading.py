@@ -155,21 +155,21 @@ def test_model_zoo_names_and_flags():
 def test_resolve_resume(offline, tmp_path):
     checkpoint = tmp_path / "best_model.pth"
     checkpoint.write_bytes(b"x")
-    assert util.resolve_resume(str(checkpoint), "zoo_cache") == str(checkpoint)
-    cached = tmp_path / "zoo_cache" / "resnet50-gem-partial-msls.pth"
-    cached.parent.mkdir()
+    assert util.resolve_resume(str(checkpoint), "data") == str(checkpoint)
+    cached = tmp_path / "data" / "model_zoo" / "resnet50-gem-partial-msls.pth"
+    cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
-    assert util.resolve_resume("resnet50-gem-partial-msls", "zoo_cache") == os.path.join("zoo_cache", cached.name)
+    assert util.resolve_resume("resnet50-gem-partial-msls", "data") == os.path.join("data", "model_zoo", cached.name)
     assert offline == []
     with pytest.raises(util.WeightsUnavailableError) as error:
-        util.resolve_resume("vgg16-netvlad-msls", "zoo_cache")
+        util.resolve_resume("vgg16-netvlad-msls", "data")
     assert "https://drive.google.com/file/d/1dwai3uNudjvns58JIyaf5CBRg4ojcWIW/view" in str(error.value)
-    assert f"put it at {tmp_path / 'zoo_cache' / 'vgg16-netvlad-msls.pth'}" in str(error.value)
+    assert f"put it at {tmp_path / 'data' / 'model_zoo' / 'vgg16-netvlad-msls.pth'}" in str(error.value)
     with pytest.raises(util.CheckpointError) as error:
-        util.resolve_resume("resnet18-best", "zoo_cache")
+        util.resolve_resume("resnet18-best", "data")
     assert "resnet18-netvlad-partial-pitts30k" in str(error.value)
     with pytest.raises(util.CheckpointError, match="no such file"):
-        util.resolve_resume("logs/run/best_model.pth", "zoo_cache")
+        util.resolve_resume("logs/run/best_model.pth", "data")
 
 
 # ----------------------------------------------------------------------------------------------------------
