@@ -201,3 +201,4 @@ def main():
 
 if __name__ == "__main__":
     commons.exit_on_user_error(main)
+    commons.exit_now()

@@ -370,3 +370,4 @@ def run(args, world):
 
 if __name__ == "__main__":
     commons.exit_on_user_error(main)
+    commons.exit_now()
