@@ -178,7 +178,7 @@ def pin_memory(device):
 
 def make_loader(paths, transform, resize, batch_size, num_workers, device):
     dataset = datasets_ws.ImagesDataset(paths, transform, resize)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory(device))
+    return DataLoader(dataset, batch_size=batch_size, **datasets_ws.loader_options(num_workers, device))
 
 
 def descriptor_batches(model, loader, device, mean_of_crops=False, pca=None, description=None):
@@ -379,7 +379,7 @@ class Retrieval:
 
 
 def retrieve(args, database_paths, queries_paths, model, test_method="hard_resize", pca=None, k=None,
-             on_descriptors=None, descriptors_folder=None):
+             on_descriptors=None, descriptors_folder=None, world=None):
     """Describe database and queries with `model` and search each query's `k` nearest database images
     (k defaults to max(args.recall_values); it is clamped to the database size).
 
@@ -391,6 +391,8 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
     --descriptors_dtype float16), the descriptors go through the on-disk store (`extract_descriptors`; a
     temporary folder when none is given) and search.py searches them; the flat search there gives the same
     results as the in-memory one.
+    With `world` (commons.DistributedContext) of several processes, each one describes its share of the images
+    in memory and every process gets rank 0's search of the gathered descriptors (`retrieve_sharded`).
     Reads from args: device, infer_batch_size, num_workers, resize, recall_values, majority_weight,
     efficient_ram_testing, and the large-scale flags.
     """
@@ -401,6 +403,10 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
     if descriptors_folder is not None or settings.uses_store:
         return _retrieve_through_store(args, database_paths, queries_paths, model, test_method, pca, k,
                                        on_descriptors, descriptors_folder, settings)
+    if world is not None and world.world_size > 1:
+        if on_descriptors is not None:
+            raise ValueError("on_descriptors sees the batches of one process: it is not available with several")
+        return retrieve_sharded(args, database_paths, queries_paths, model, test_method, pca, k, world)
 
     def observed(kind, batches):
         for indices, features in batches:
@@ -448,6 +454,50 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
                      search_seconds)
 
 
+def gather_descriptors(model, paths, transform, resize, batch_size, num_workers, world, mean_of_crops=False,
+                       pca=None, description=None):
+    """Descriptors [len(paths), ...] of `paths` on every process of `world`: process r describes its contiguous
+    share (commons.shard_range) in memory and the shares are gathered in order."""
+    start, end = commons.shard_range(len(paths), world.rank, world.world_size)
+    loader = make_loader(paths[start:end], transform, resize, batch_size, num_workers, world.device)
+    local = collect_descriptors(descriptor_batches(model, loader, world.device, mean_of_crops, pca, description),
+                                end - start)
+    if world.world_size == 1:
+        return local
+    # A process without images has no descriptor shape: it takes the others'
+    shapes = [None] * world.world_size
+    torch.distributed.all_gather_object(shapes, None if local is None else local.shape[1:])
+    row_shape = next(shape for shape in shapes if shape is not None)
+    local = np.empty((0,) + tuple(row_shape), np.float32) if local is None else local
+    return commons.all_gather_rows(local, len(paths), world)
+
+
+def retrieve_sharded(args, database_paths, queries_paths, model, test_method, pca, k, world):
+    """`retrieve` by several processes: each describes its share of the database and of the queries
+    (`gather_descriptors`), rank 0 searches the gathered descriptors exactly, and every process gets its
+    Retrieval (the same predictions as one process)."""
+    method = get_test_method(test_method)
+    model = model.eval()
+    start_time = time.perf_counter()
+    queries = gather_descriptors(model, queries_paths, method.query_transform, args.resize,
+                                 1 if method.one_query_per_batch else args.infer_batch_size, args.num_workers, world,
+                                 method.mean_of_crops, pca, "Queries")
+    database = gather_descriptors(model, database_paths, datasets_ws.hard_resize, args.resize, args.infer_batch_size,
+                                  args.num_workers, world, pca=pca, description="Database")
+    extraction_seconds = time.perf_counter() - start_time
+    found = None
+    if world.rank == 0:
+        search_start = time.perf_counter()
+        distances, predictions = exact_search(database, queries.reshape(-1, queries.shape[-1]), k)
+        found = (distances, predictions, time.perf_counter() - search_start)
+    distances, predictions, search_seconds = commons.broadcast_object(found, world)
+    if method.merge_predictions is not None:
+        predictions = predictions.reshape(queries.shape[:2] + (k,))
+        distances = distances.reshape(queries.shape[:2] + (k,))
+    return Retrieval(predictions, distances, method.merge_predictions, args.majority_weight, extraction_seconds,
+                     search_seconds)
+
+
 def _retrieve_through_store(args, database_paths, queries_paths, model, test_method, pca, k, on_descriptors,
                             descriptors_folder, settings):
     """`retrieve` with the descriptors on disk and the search of `settings` (search.SearchSettings)."""
@@ -483,11 +533,11 @@ class Evaluation:
 
 
 def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, on_descriptors=None,
-             descriptors_folder=None):
+             descriptors_folder=None, world=None):
     """`retrieve` on a GeoDataset (searching at least `k`), then Recall@N for each N of args.recall_values."""
     recall_k = max(args.recall_values)
     retrieval = retrieve(args, eval_ds.database_paths, eval_ds.queries_paths, model, test_method, pca,
-                         max(k or recall_k, recall_k), on_descriptors, descriptors_folder)
+                         max(k or recall_k, recall_k), on_descriptors, descriptors_folder, world)
     merge_start = time.perf_counter()
     predictions, distances = retrieval.top(recall_k)
     search_seconds = retrieval.search_seconds + time.perf_counter() - merge_start
@@ -497,7 +547,8 @@ def evaluate(args, eval_ds, model, test_method="hard_resize", pca=None, k=None, 
                       retrieval.extraction_seconds, search_seconds)
 
 
-def test(args, eval_ds, model, test_method="hard_resize", pca=None, descriptors_folder=None):
-    """Recalls of `model` on `eval_ds` (a datasets_ws.GeoDataset): ({N: recall in percent}, 'R@1: .., R@5: ..')."""
-    evaluation = evaluate(args, eval_ds, model, test_method, pca, descriptors_folder=descriptors_folder)
+def test(args, eval_ds, model, test_method="hard_resize", pca=None, descriptors_folder=None, world=None):
+    """Recalls of `model` on `eval_ds` (a datasets_ws.GeoDataset): ({N: recall in percent}, 'R@1: .., R@5: ..').
+    With `world` of several processes, they share the extraction and all get the recalls."""
+    evaluation = evaluate(args, eval_ds, model, test_method, pca, descriptors_folder=descriptors_folder, world=world)
     return evaluation.recalls, evaluation.recalls_str

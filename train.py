@@ -17,7 +17,6 @@ import sys
 import time
 from datetime import datetime
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +29,6 @@ import mining
 import network
 import parser
 import results
-import search
 import test
 import util
 from commons import UserInputError
@@ -133,39 +131,9 @@ def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, marg
 
 
 def evaluate(args, eval_ds, model, test_method, world):
-    """test.test on one process; with several, each describes its share of the images, and rank 0 searches.
-    Returns ({N: recall}, recalls string) on every process."""
-    if world.world_size == 1:
-        return test.test(args, eval_ds, model, test_method)
-    method = test.get_test_method(test_method)
-
-    def describe(paths, transform, batch_size, mean_of_crops):
-        start, end = commons.shard_range(len(paths), world.rank, world.world_size)
-        loader = test.make_loader(paths[start:end], transform, args.resize, batch_size, args.num_workers,
-                                  world.device)
-        local = test.collect_descriptors(test.descriptor_batches(model.eval(), loader, world.device, mean_of_crops),
-                                         end - start)
-        shapes = [None] * world.world_size
-        torch.distributed.all_gather_object(shapes, None if local is None else local.shape[1:])
-        row_shape = next(shape for shape in shapes if shape is not None)
-        local = np.empty((0,) + tuple(row_shape), np.float32) if local is None else local
-        return commons.all_gather_rows(local, len(paths), world)
-
-    database = describe(eval_ds.database_paths, datasets_ws.hard_resize, args.infer_batch_size, False)
-    queries = describe(eval_ds.queries_paths, method.query_transform,
-                       1 if method.one_query_per_batch else args.infer_batch_size, method.mean_of_crops)
-    outcome = None
-    if world.rank == 0:
-        k = min(max(args.recall_values), len(database))
-        distances, predictions = search.exact_search(database, queries.reshape(-1, queries.shape[-1]), k)
-        if method.merge_predictions is not None:
-            shape = (len(queries), queries.shape[1], k)
-            predictions = method.merge_predictions(predictions.reshape(shape), distances.reshape(shape), k,
-                                                   args.majority_weight)
-        recalls = test.compute_recalls(predictions, eval_ds.soft_positives_per_query, args.recall_values)
-        outcome = ({int(n): float(r) for n, r in zip(args.recall_values, recalls)},
-                   test.recalls_to_str(args.recall_values, recalls))
-    return commons.broadcast_object(outcome, world)
+    """Recalls on `eval_ds`; with several processes each describes its share of the images and rank 0 searches
+    (test.retrieve_sharded). Returns ({N: recall}, recalls string) on every process."""
+    return test.test(args, eval_ds, model, test_method, world=world)
 
 
 # ----------------------------------------------------------------------------------------------------------
