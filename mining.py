@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import commons
 from commons import UserInputError
-from datasets_ws import ListSampler
+from datasets_ws import ListSampler, loader_options
 
 # MSLS file names carry a note "<day|night>_<forward|sideways|...>" in the second-to-last '@' field
 MSLS_NIGHT, MSLS_SIDEWAYS = "night", "sideways"
@@ -318,8 +318,8 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.world = world
         self.autocast_dtype = autocast_dtype
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 persistent_workers=num_workers > 0, **loader_options(num_workers, self.device))
 
     def __call__(self, model, indexes, features_dim, description="Caching"):
         indexes = np.asarray(indexes, dtype=np.int64)

@@ -252,9 +252,9 @@ def run(args, world):
         # draws the same augmentations as an uninterrupted one
         generator = torch.Generator().manual_seed(args.seed * 100003 + epoch_num)
         return DataLoader(triplets_ds, batch_size=args.train_batch_size // world.world_size, sampler=triplets_sampler,
-                          collate_fn=datasets_ws.triplets_collate_fn, num_workers=args.num_workers,
-                          pin_memory=device.type == "cuda", drop_last=True, persistent_workers=args.num_workers > 0,
-                          generator=generator)
+                          collate_fn=datasets_ws.triplets_collate_fn, drop_last=True,
+                          persistent_workers=args.num_workers > 0, generator=generator,
+                          **datasets_ws.loader_options(args.num_workers, device))
 
     #### Training loop
     loops_num = math.ceil(args.queries_per_epoch / args.cache_refresh_rate)
