@@ -151,38 +151,6 @@ class ImagesDataset(data.Dataset):
 CPU_WORKER_NICENESS = 10
 
 
-def default_num_workers(device, cpu_count=None):
-    """Loading workers for --device: on a GPU the original's 8 (at most one per core); on the CPU, where the model
-    itself takes every core and decoding and resizing an image costs a few percent of its forward pass, one
-    worker per 4 cores (at least one, at most 8)."""
-    cpu_count = cpu_count or os.cpu_count() or 1
-    if torch.device(device).type == "cuda":
-        return min(8, cpu_count)
-    return max(1, min(8, cpu_count // 4))
-
-
-def _lower_priority(worker_id):
-    os.nice(CPU_WORKER_NICENESS)
-
-
-def loader_options(num_workers, device):
-    """DataLoader keyword arguments shared by every loader: workers, pinned memory on CUDA only, and on the CPU
-    workers that yield to the model's threads."""
-    on_cuda = torch.device(device).type == "cuda"
-    options = {"num_workers": num_workers, "pin_memory": on_cuda}
-    if num_workers > 0 and not on_cuda:
-        options["worker_init_fn"] = _lower_priority
-    return options
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data loaders
-
-# Loading workers on a CPU-only run are niced this much, so that they use the cores the model leaves idle
-# instead of preempting its threads (each preemption stalls the model's other threads at their next barrier)
-CPU_WORKER_NICENESS = 10
-
-
 def _lower_priority(worker_id):
     os.nice(CPU_WORKER_NICENESS)
 
