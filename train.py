@@ -96,16 +96,23 @@ def load_resume(args, model):
     return state, path
 
 
-def refresh_triplets(miner, extractor, model, queries_count, images_num, world):
+def refresh_triplets(miner, extractor, model, queries_count, images_num, world, timings=None):
     """Sample queries, cache the features the mining needs (shared among the processes) and mine.
-    Rank 0 samples and mines; the triplets [queries_count, 2 + negs] reach every process."""
+    Rank 0 samples and mines; the triplets [queries_count, 2 + negs] reach every process.
+    `timings` (a dict), when given, receives cache_seconds, mining_seconds and cached_images."""
     plan = commons.broadcast_object(miner.plan(queries_count) if world.rank == 0 else None, world)
+    cache_start = time.perf_counter()
     features = extractor(model, plan.cache_indexes, model.features_dim)
+    mining_start = time.perf_counter()
     triplets = None
     if world.rank == 0:
         cache = mining.FeatureCache(plan.cache_indexes, features, images_num)
         triplets = miner.mine(plan, cache)
-    return commons.broadcast_object(triplets, world)
+    triplets = commons.broadcast_object(triplets, world)
+    if timings is not None:
+        timings.update(cache_seconds=mining_start - cache_start, mining_seconds=time.perf_counter() - mining_start,
+                       cached_images=len(plan.cache_indexes))
+    return triplets
 
 
 def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, margin, horizontal_flip, device,
@@ -259,6 +266,7 @@ def run(args, world):
     #### Training loop
     loops_num = math.ceil(args.queries_per_epoch / args.cache_refresh_rate)
     best_val_recalls, epoch_num = None, start_epoch_num - 1
+    refresh_timings = []  # seconds of caching, mining and training of each refresh, for results.json
     training_start = time.perf_counter()
     for epoch_num in range(start_epoch_num, args.epochs_num):
         logging.info(f"Start training epoch: {epoch_num:02d}")
@@ -267,13 +275,22 @@ def run(args, world):
         loader = triplets_loader(epoch_num)
         for loop_num in range(loops_num):
             logging.debug(f"Cache: {loop_num} / {loops_num}")
+            refresh = {"epoch": epoch_num, "loop": loop_num}
             triplets = refresh_triplets(miner, extractor, raw_model, queries_per_refresh,
-                                        len(triplets_ds.images_paths), world)
+                                        len(triplets_ds.images_paths), world, refresh)
             triplets_sampler.items = datasets_ws.process_share_of_batches(triplets, args.train_batch_size,
                                                                          world.rank, world.world_size)
+            training_step_start = time.perf_counter()
             loss_sum, batches_num, batch_loss = train_on_triplets(
                 model, loader, optimizer, grad_scaler, loss_function, args.margin, args.horizontal_flip, device,
                 amp_dtype)
+            # Images of every process (each trained on its share of the same batches)
+            refresh.update(training_seconds=time.perf_counter() - training_step_start,
+                           trained_images=batches_num * args.train_batch_size * triplets.shape[1])
+            refresh_timings.append(refresh)
+            logging.debug(f"Refresh {loop_num}: {refresh['cached_images']} images cached in "
+                          f"{refresh['cache_seconds']:.1f} s, mined in {refresh['mining_seconds']:.2f} s, "
+                          f"{refresh['trained_images']} images trained in {refresh['training_seconds']:.1f} s")
             # Every process trained on its share of the same batches: their mean is the batches' loss
             epoch_loss_sum += commons.all_reduce_mean(loss_sum, world)
             epoch_batches_num += batches_num
@@ -332,7 +349,7 @@ def run(args, world):
             {"training_seconds": training_seconds, "test_seconds": time.perf_counter() - test_start,
              "total_seconds": (datetime.now() - start_time).total_seconds()},
             {"val": val_ds, "test": test_ds}, script="train.py", start_time=start_time,
-            extra={"best_r5": best_r5, "epochs_num": epoch_num + 1})
+            extra={"best_r5": best_r5, "epochs_num": epoch_num + 1, "refresh_timings": refresh_timings})
         results.print_result_line(outcome)
 
 
