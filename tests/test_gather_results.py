@@ -90,25 +90,29 @@ def test_plot_has_one_point_per_run_with_both_numbers(runs, caplog):
     rows = gather_results.main([str(runs / "sweep"), "--plot", str(plot), "--plot_x", "GFLOPs"])
     # The second run has no FLOPs: it is in the table but not on the plot, and the log says so
     points, skipped = gather_results.plot_points(rows, "GFLOPs", "R@1")
-    assert points == [("resnet18conv4", 2.0, 40.0, "pitts30k")]
+    assert points == [("a", 2.0, 40.0, "pitts30k")]  # named by its folder below the one the runs share
     assert skipped == [rows[1]["run"]] and rows[1]["run"] in caplog.text and "Not on the plot" in caplog.text
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size == (800, 550)
 
 
-def test_point_labels_name_what_varies():
+def test_point_labels():
     def row(run, **values):
         return dict({"run": run, "dataset": "pitts30k", "backbone": "resnet18conv4", "pca_dim": ""}, **values)
-    rows = [row("logs/sweep/a/2024-01-01", pca_dim=256, aggregation="gem"),
-            row("logs/sweep/b/2024-01-02", pca_dim=512, aggregation="netvlad")]
-    points, skipped = gather_results.plot_points([dict(r, size=1, **{"R@5": 9.5}) for r in rows], "size", "R@5")
-    assert [point[0] for point in points] == ["gem pca_dim=256", "netvlad pca_dim=512"] and skipped == []
-    # Nothing varies: the folder above the run folder (the sweep's label for that run)
-    same = [row("logs/sweep/a/2024-01-01"), row("logs/sweep/b/2024-01-02")]
-    assert [gather_results.point_label(r, ("dataset", "backbone"), same) for r in same] == ["a", "b"]
-    # A flag given with --columns takes part too
-    lrs = [dict(row("x/a/1"), lr=1e-5), dict(row("x/b/2"), lr=1e-4)]
-    assert gather_results.point_label(lrs[1], ("backbone", "lr"), lrs) == "lr=0.0001"
+    columns = ("dataset", "backbone", "aggregation", "pca_dim")
+    # A sweep: each run in its own folder, named by its path below the sweep's folder
+    sweep = [row("logs/sweep/gem/2024-01-01"), row("logs/sweep/netvlad/2024-01-02"),
+             row("logs/sweep/netvlad/on_msls/2024-01-03", dataset="msls")]
+    assert gather_results.point_labels(sweep, columns) == ["gem", "netvlad", os.path.join("netvlad", "on_msls")]
+    # Runs of one --save_dir: what varies among them, numbers with their name
+    same_folder = [row("logs/default/2024-01-01", pca_dim=256, aggregation="gem"),
+                   row("logs/default/2024-01-02", pca_dim=512, aggregation="netvlad")]
+    assert gather_results.point_labels(same_folder, columns) == ["gem pca_dim=256", "netvlad pca_dim=512"]
+    assert gather_results.point_labels(same_folder, ("backbone",)) == ["default", "default"]  # nothing varies
+    points, skipped = gather_results.plot_points([dict(r, size=1, **{"R@5": 9.5}) for r in same_folder], "size",
+                                                 "R@5", extra_flags=("lr",))
+    assert points == [("gem pca_dim=256", 1, 9.5, "pitts30k"), ("netvlad pca_dim=512", 1, 9.5, "pitts30k")]
+    assert skipped == []
 
 
 def test_plot_flags_are_checked(runs, capsys):

@@ -116,23 +116,31 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def point_label(row, columns, rows):
-    """What tells this run apart: its values of the columns that vary among `rows`, names as they are and
-    numbers with their column ("resnet50conv4 gem", "pca_dim=256"); else the name of the folder that holds its
-    run folder (a sweep's label, or the --save_dir)."""
-    varying = [column for column in columns if len({str(other.get(column, "")) for other in rows}) > 1]
-    parts = [str(row[column]) if isinstance(row[column], str) else f"{column}={row[column]}"
-             for column in varying if row.get(column, "") != ""]
-    return " ".join(parts) if parts else os.path.basename(os.path.dirname(row["run"]))
+def point_labels(rows, columns):
+    """What tells each run apart. Runs saved in different folders (a sweep's runs, different --save_dir) are named
+    by their folder's path below the folder they share ("resnet50conv4_gem", "partial/on_msls"); runs of one folder
+    by their values of the columns that vary, names as they are and numbers with their column
+    ("resnet50conv4 gem", "pca_dim=256"); else by the name of their folder."""
+    parents = [os.path.dirname(os.path.abspath(row["run"])) for row in rows]
+    if len(set(parents)) == len(parents) > 1:
+        common = os.path.commonpath(parents)
+        return [os.path.relpath(parent, common) for parent in parents]
+    varying = [column for column in columns if len({str(row.get(column, "")) for row in rows}) > 1]
+    labels = []
+    for row, parent in zip(rows, parents):
+        parts = [str(row[column]) if isinstance(row[column], str) else f"{column}={row[column]}"
+                 for column in varying if row.get(column, "") != ""]
+        labels.append(" ".join(parts) if parts else os.path.basename(parent))
+    return labels
 
 
 def plot_points(rows, x_column, y_column, extra_flags=()):
     """(label, x, y, dataset) of each row with numbers in both columns, and the runs of the rows without."""
-    columns = ("dataset", *KEY_FLAGS, *extra_flags)
+    labels = point_labels(rows, ("dataset", *KEY_FLAGS, *extra_flags))
     points, skipped = [], []
-    for row in rows:
+    for row, label in zip(rows, labels):
         if _is_number(row.get(x_column)) and _is_number(row.get(y_column)):
-            points.append((point_label(row, columns, rows), row[x_column], row[y_column], row["dataset"]))
+            points.append((label, row[x_column], row[y_column], row["dataset"]))
         else:
             skipped.append(row["run"])
     return points, skipped
