@@ -397,7 +397,12 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
     efficient_ram_testing, and the large-scale flags.
     """
     method = get_test_method(test_method)
-    k = min(k or max(args.recall_values), len(database_paths))
+    wanted_k = k or max(args.recall_values)
+    k = min(wanted_k, len(database_paths))
+    if k < wanted_k:
+        logging.warning(f"The database has {len(database_paths)} images, fewer than the {wanted_k} predictions per "
+                        f"query asked for (--recall_values, --save_predictions): each query gets all {k}, so R@N for "
+                        f"N >= {k} is the share of queries with any positive")
     model = model.eval()
     settings = search.search_settings(args)
     if descriptors_folder is not None or settings.uses_store:
