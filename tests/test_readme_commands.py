@@ -181,10 +181,16 @@ def _options(args):
     return options
 
 
+# Flags whose folder the parser checks: an existing folder stands in for the README's example folder
+EXAMPLE_FOLDER_FLAGS = ("--queries_folder", "--database_folder")
+
+
 def _parse_as_written(args):
-    """The command's namespace, as the scripts parse it (a CPU stands in for a GPU; datasets need not exist)."""
+    """The command's namespace, as the scripts parse it (a CPU stands in for a GPU; datasets and example folders
+    need not exist)."""
+    stand_ins = [REPO if previous in EXAMPLE_FOLDER_FLAGS else arg for previous, arg in zip([None, *args], args)]
     try:
-        return vg_parser.parse_arguments(list(args) + ["--device", "cpu"], require_dataset=False)
+        return vg_parser.parse_arguments(stand_ins + ["--device", "cpu"], require_dataset=False)
     except SystemExit as error:
         raise AssertionError(f"the flags do not parse (exit status {error.code}): {' '.join(args)}") from None
 
