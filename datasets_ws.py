@@ -11,7 +11,6 @@ import torch.utils.data as data
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFile, UnidentifiedImageError
-from sklearn.neighbors import NearestNeighbors
 
 from commons import UserInputError
 
@@ -19,6 +18,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
+# scikit-learn's NearestNeighbors (the original's positives) searches databases smaller than this by brute force
+# (its 5 default neighbours are at least half of them), whose distances round otherwise than its k-d tree's
+SKLEARN_BRUTE_FORCE_BELOW = 12
+# A squared distance this close (relatively) to the squared radius may be decided either way by the k-d tree,
+# which compares whole nodes in distances and single points in squared distances: such cases go to scikit-learn
+BOUNDARY_TOLERANCE = 1e-12
+# Query-database pairs compared at once when searching positives
+POSITIVES_PAIRS_PER_CHUNK = 1 << 22
 
 base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
 _IMAGENET_MEAN_TENSOR = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -54,13 +61,67 @@ def parse_utms(paths):
 
 
 def find_positives(database_utms, queries_utms, radius):
-    """For each query, the indices (sorted) of the database images within `radius` metres (distance <= radius)."""
+    """For each query, the indices (sorted) of the database images within `radius` metres (distance <= radius).
+
+    The same sets as the original's scikit-learn NearestNeighbors.radius_neighbors, without importing
+    scikit-learn (seconds of every run's start-up): its k-d tree keeps a database image when the float64 sum of
+    the squared coordinate differences is <= radius * radius, which `radius_search` computes. Small databases
+    (searched by brute force there), squared distances within BOUNDARY_TOLERANCE of the squared radius and
+    non-finite coordinates go through scikit-learn itself.
+    """
+    database_utms = np.asarray(database_utms, dtype=np.float64).reshape(-1, 2)
+    queries_utms = np.asarray(queries_utms, dtype=np.float64).reshape(-1, 2)
     if len(queries_utms) == 0 or len(database_utms) == 0:
         return [np.array([], dtype=np.int64) for _ in range(len(queries_utms))]
+    if (len(database_utms) >= SKLEARN_BRUTE_FORCE_BELOW and radius >= 0 and np.isfinite(database_utms).all()
+            and np.isfinite(queries_utms).all()):
+        positives = radius_search(database_utms, queries_utms, float(radius))
+        if positives is not None:
+            return positives
+    return sklearn_positives(database_utms, queries_utms, radius)
+
+
+def sklearn_positives(database_utms, queries_utms, radius):
+    """The original's positives: scikit-learn's NearestNeighbors.radius_neighbors, each list sorted."""
+    from sklearn.neighbors import NearestNeighbors  # imported here: most runs never need it
     knn = NearestNeighbors(n_jobs=1)
     knn.fit(database_utms)
     positives = knn.radius_neighbors(queries_utms, radius=radius, return_distance=False)
     return [np.sort(p).astype(np.int64) for p in positives]
+
+
+def radius_search(database_utms, queries_utms, radius):
+    """For each query, the sorted indices of the database points whose squared distance, computed as
+    scikit-learn's k-d tree does ((query - point) per coordinate, squared, summed east then north, in float64),
+    is <= radius * radius. Candidates: the database points in a window of eastings around the query (binary
+    search in the sorted eastings, a little wider than the radius). Returns None when some squared distance is
+    within BOUNDARY_TOLERANCE of the squared radius, where the tree could decide either way."""
+    squared_radius = radius * radius
+    order = np.argsort(database_utms[:, 0], kind="stable")
+    eastings = database_utms[order, 0]
+    window = radius + 1e-6 * (np.abs(queries_utms[:, 0]) + radius + 1)  # far wider than any rounding
+    starts = np.searchsorted(eastings, queries_utms[:, 0] - window, side="left")
+    counts = np.searchsorted(eastings, queries_utms[:, 0] + window, side="right") - starts
+    positives = []
+    first = 0
+    while first < len(queries_utms):
+        # The next queries whose candidates fit in one chunk (at least one query)
+        last = first + max(1, int(np.searchsorted(np.cumsum(counts[first:]), POSITIVES_PAIRS_PER_CHUNK, "right")))
+        chunk_counts = counts[first:last]
+        pair_query = np.repeat(np.arange(first, last), chunk_counts)
+        offsets = np.arange(chunk_counts.sum()) - np.repeat(np.cumsum(chunk_counts) - chunk_counts, chunk_counts)
+        pair_database = order[np.repeat(starts[first:last], chunk_counts) + offsets]
+        east = queries_utms[pair_query, 0] - database_utms[pair_database, 0]
+        north = queries_utms[pair_query, 1] - database_utms[pair_database, 1]
+        squared = east * east + north * north
+        if np.any(np.abs(squared - squared_radius) <= BOUNDARY_TOLERANCE * squared_radius):
+            return None
+        keep = squared <= squared_radius
+        kept_counts = np.bincount(pair_query[keep] - first, minlength=last - first)
+        positives += [np.sort(found).astype(np.int64)
+                      for found in np.split(pair_database[keep], np.cumsum(kept_counts)[:-1])]
+        first = last
+    return positives
 
 
 # ----------------------------------------------------------------------------------------------------------

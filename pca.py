@@ -6,7 +6,6 @@ from collections import defaultdict
 
 import numpy as np
 from PIL import Image
-from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader
 
 import datasets_ws
@@ -66,6 +65,7 @@ def fit_pca(descriptors, pca_dim):
     """scikit-learn PCA(n_components=pca_dim) fit on descriptors [images_num, dim] (as float64, as the original)."""
     descriptors = np.asarray(descriptors, dtype=np.float64)
     check_pca_dim(pca_dim, len(descriptors), descriptors.shape[1])
+    from sklearn.decomposition import PCA  # imported here: seconds of start-up that runs without PCA skip
     return PCA(n_components=pca_dim).fit(descriptors)
 
 

@@ -260,3 +260,50 @@ def test_refresh_reports_its_timings_and_images():
     np.random.seed(0)
     assert np.array_equal(train.refresh_triplets(miner, extractor, SimpleNamespace(features_dim=dim), 4,
                                                  database_num + queries_num, world), triplets)
+
+
+# ---------------------------------------------------------------------------------------------- positives
+
+def coordinates(kind, rng, database_num, queries_num):
+    if kind == "utm":  # two decimals, along a street, as datasets_vg file names
+        base = np.array([500000.0, 4100000.0])
+        return (np.round(base + np.stack([rng.uniform(0, 400, database_num), rng.uniform(-5, 5, database_num)], 1), 2),
+                np.round(base + np.stack([rng.uniform(-30, 430, queries_num), rng.uniform(-20, 20, queries_num)], 1),
+                         2))
+    if kind == "grid":  # integer metres: many distances exactly on the radius (3-4-5 triangles)
+        return (rng.integers(0, 40, (database_num, 2)).astype(float) * 5,
+                rng.integers(0, 40, (queries_num, 2)).astype(float) * 5)
+    database = np.stack([np.full(database_num, 7.5), rng.uniform(0, 300, database_num)], 1)  # a north-south street
+    return database, np.concatenate([database[:queries_num // 2], rng.uniform(0, 300, (queries_num - queries_num // 2,
+                                                                                      2))])
+
+
+@pytest.mark.parametrize("kind", ["utm", "grid", "street"])
+def test_positives_are_scikit_learn_s_without_importing_it(kind):
+    rng = np.random.default_rng(0)
+    exact_searches = 0
+    for database_num, queries_num in ((5, 7), (11, 3), (12, 9), (150, 40), (400, 60)):
+        database_utms, queries_utms = coordinates(kind, rng, database_num, queries_num)
+        for radius in (0, 7.5, 10, 25, 100):
+            got = datasets_ws.find_positives(database_utms, queries_utms, radius)
+            expected = datasets_ws.sklearn_positives(database_utms, queries_utms, radius)
+            assert len(got) == queries_num
+            for found, wanted in zip(got, expected):
+                assert found.dtype == np.int64
+                np.testing.assert_array_equal(found, wanted)
+            exact_searches += datasets_ws.radius_search(database_utms, queries_utms, float(radius)) is not None
+    assert exact_searches > 0  # not everything fell back to scikit-learn
+
+
+def test_positives_on_the_radius_go_to_scikit_learn():
+    database_utms = np.stack([np.arange(20) * 5.0, np.zeros(20)], 1)
+    queries_utms = np.array([[3.0, 4.0]])  # 5 m from the first image, sqrt(20) m from the second
+    assert datasets_ws.radius_search(database_utms, queries_utms, 5.0) is None
+    np.testing.assert_array_equal(datasets_ws.find_positives(database_utms, queries_utms, 5.0)[0], [0, 1])
+    np.testing.assert_array_equal(datasets_ws.radius_search(database_utms, queries_utms, 4.5)[0], [1])
+
+
+def test_the_scripts_start_without_scikit_learn():
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import eval, train; print('sklearn' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
