@@ -17,17 +17,27 @@ sweep_values AUGMENTATIONS "none horizontal_flip" \
 AUGMENTATION_FLAGS=(brightness contrast saturation hue horizontal_flip rand_perspective random_resized_crop
                     random_rotation)
 
-for augmentation in "${AUGMENTATIONS[@]}"; do
-    flags=()
-    if [ "$augmentation" != none ]; then
-        IFS=, read -ra entries <<< "$augmentation"
-        for entry in "${entries[@]}"; do
-            name="${entry%%=*}"
-            [[ " ${AUGMENTATION_FLAGS[*]} " == *" $name "* ]] ||
-                die "AUGMENTATIONS: unknown augmentation '$name'; valid names: ${AUGMENTATION_FLAGS[*]}"
-            if [ "$entry" = "$name" ]; then flags+=("--$name"); else flags+=("--$name" "${entry#*=}"); fi
-        done
+# The flags of one AUGMENTATIONS value, in the array FLAGS
+augmentation_flags() {
+    local entry name entries
+    FLAGS=()
+    if [ "$1" = none ]; then
+        return
     fi
-    train_run "$augmentation" "${flags[@]}"
+    IFS=, read -ra entries <<< "$1"
+    for entry in "${entries[@]}"; do
+        name="${entry%%=*}"
+        [[ " ${AUGMENTATION_FLAGS[*]} " == *" $name "* ]] ||
+            die "AUGMENTATIONS: unknown augmentation '$name'; valid names: ${AUGMENTATION_FLAGS[*]}"
+        if [ "$entry" = "$name" ]; then FLAGS+=("--$name"); else FLAGS+=("--$name" "${entry#*=}"); fi
+    done
+}
+
+for augmentation in "${AUGMENTATIONS[@]}"; do  # every value checked before the first run
+    augmentation_flags "$augmentation"
+done
+for augmentation in "${AUGMENTATIONS[@]}"; do
+    augmentation_flags "$augmentation"
+    train_run "$augmentation" "${FLAGS[@]}"
 done
 gather_sweep --columns "${AUGMENTATION_FLAGS[@]}" --plot_x descriptor_size

@@ -15,10 +15,12 @@ sweep_values MINING "partial random" "random full partial"
 sweep_values ARCHITECTURES "resnet18conv4:gem" \
     "resnet18conv4:gem resnet18conv4:netvlad resnet50conv4:gem resnet50conv4:netvlad"
 
+for architecture in "${ARCHITECTURES[@]}"; do  # every value checked before the first run
+    [[ "$architecture" =~ ^[a-z0-9]+:[a-z0-9]+$ ]] || die "ARCHITECTURES: $architecture is not backbone:aggregation"
+done
 for architecture in "${ARCHITECTURES[@]}"; do
     backbone="${architecture%%:*}"
     aggregation="${architecture#*:}"
-    [ "$backbone:$aggregation" = "$architecture" ] || die "ARCHITECTURES: $architecture is not backbone:aggregation"
     for mining in "${MINING[@]}"; do
         train_run "${backbone}_${aggregation}_${mining}" --backbone "$backbone" --aggregation "$aggregation" \
             --mining "$mining"

@@ -15,16 +15,23 @@ source "$(dirname "$0")/common.sh"
 sweep_values OFF_THE_SHELF "radenovic_sfm" "radenovic_sfm radenovic_gldv1 naver"
 sweep_values BACKBONES "resnet50conv5" "resnet50conv5 resnet101conv5"
 
-for model in "${OFF_THE_SHELF[@]}"; do
-    # Where each family normalises: radenovic's models after GeM, naver's not at all
-    case "$model" in
-        radenovic_*) l2=after_pool ;;
-        naver) l2=none ;;
-        *) die "OFF_THE_SHELF: unknown model '$model'; valid names: radenovic_sfm radenovic_gldv1 naver" ;;
+# Where each family normalises: radenovic's models after GeM, naver's not at all
+l2_of() {
+    case "$1" in
+        radenovic_sfm | radenovic_gldv1) L2=after_pool ;;
+        naver) L2=none ;;
+        *) die "OFF_THE_SHELF: unknown model '$1'; valid names: radenovic_sfm radenovic_gldv1 naver" ;;
     esac
+}
+
+for model in "${OFF_THE_SHELF[@]}"; do  # every value checked before the first run
+    l2_of "$model"
+done
+for model in "${OFF_THE_SHELF[@]}"; do
+    l2_of "$model"
     for backbone in "${BACKBONES[@]}"; do
         eval_run "${model}_${backbone}" --off_the_shelf "$model" --backbone "$backbone" --aggregation gem \
-            --fc_output_dim 2048 --l2 "$l2"
+            --fc_output_dim 2048 --l2 "$L2"
     done
 done
 gather_sweep --columns off_the_shelf l2 --plot_x GFLOPs

@@ -10,10 +10,10 @@ source "$(dirname "$0")/common.sh"
 
 sweep_values RESIZES "32x48 24x32" "480x640 384x512 288x384 192x256 96x128"
 
+for resize in "${RESIZES[@]}"; do  # every value checked before the first run
+    [[ "$resize" =~ ^[0-9]+x[0-9]+$ ]] || die "RESIZES: $resize is not HxW (e.g. 384x512)"
+done
 for resize in "${RESIZES[@]}"; do
-    height="${resize%x*}"
-    width="${resize#*x}"
-    [[ "$height" =~ ^[0-9]+$ && "$width" =~ ^[0-9]+$ ]] || die "RESIZES: $resize is not HxW (e.g. 384x512)"
-    train_run "resize_$resize" --resize "$height" "$width"
+    train_run "resize_$resize" --resize "${resize%x*}" "${resize#*x}"
 done
 gather_sweep --plot_x GFLOPs
