@@ -267,6 +267,8 @@ class Workspace:
     def command_line(self, command):
         """The smoke form of a runnable command, as an argument list."""
         steps = plan(command)
+        if steps.kind == "vg" and _asks_for_help(steps.args):
+            return [sys.executable, os.path.join(REPO, steps.script), *steps.args]
         if steps.kind == "vg":
             script = [os.path.join(REPO, steps.script)]
             if steps.torchrun:
@@ -289,6 +291,10 @@ def _result_value(stdout, key):
     return json.loads(lines[-1][len("RESULT "):])[key]
 
 
+def _asks_for_help(args):
+    return "-h" in args or "--help" in args
+
+
 def _runnable(command):
     return command.marker is None and plan(command).kind in ("vg", "tool")
 
@@ -299,7 +305,8 @@ def readme_runs(request, tmp_path_factory):
     cache = getattr(request.config, "cache", None)
     datasets_folder = (str(cache.mkdir("synthetic_datasets")) if cache is not None
                        else str(tmp_path_factory.mktemp("data")))
-    make_synthetic_dataset.generate_dataset(datasets_folder, SMOKE_DATASET, seed=3, **SMOKE_DATASET_SIZES)
+    make_synthetic_dataset.generate_dataset(datasets_folder, SMOKE_DATASET, seed=3, overwrite=True,
+                                            **SMOKE_DATASET_SIZES)
     workspace = Workspace(str(tmp_path_factory.mktemp("readme")), datasets_folder)
     # The default architecture first: logs/default/ then holds a run for the commands that read it
     workspace.training_folder("resnet18conv4", "netvlad", None, "before_pool")
@@ -335,7 +342,7 @@ def test_readme_command_runs_in_its_smoke_form(readme_runs, command):
         raise AssertionError(f"{command.id}: {command.text}\n{outcome}")
     assert outcome.returncode == 0, (f"{command.id}: {command.text}\nran as: {shlex.join(command_line)}\n"
                                      f"{outcome.stdout[-2000:]}\n{outcome.stderr[-3000:]}")
-    if plan(command).kind == "vg":
+    if plan(command).kind == "vg" and not _asks_for_help(plan(command).args):
         assert os.path.isfile(os.path.join(_result_value(outcome.stdout, "run_folder"), "results.json"))
 
 
@@ -385,6 +392,15 @@ def test_every_section_of_the_original_has_its_counterpart():
     for section in ("Performance", "Troubleshooting", "Running the tests", "Layout", "Citation",
                     "Reproducing the paper: sweep scripts", "Custom datasets"):
         assert section in headings
+
+
+def test_links_within_the_readme_lead_to_its_headings():
+    def anchor(heading):  # GitHub's: lower case, punctuation dropped, spaces to hyphens
+        return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+    anchors = {anchor(heading) for heading in re.findall(r"^#{1,4} (.+)$", README_TEXT, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", README_TEXT)
+    assert len(links) > 20
+    assert not [link for link in links if link not in anchors]
 
 
 def test_model_zoo_tables_match_model_zoo():
