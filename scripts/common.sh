@@ -28,10 +28,11 @@ header_of() {
 }
 
 usage() {
-    # The sweep script's own header, then the options every sweep shares
+    # The sweep script's own header, then the options every sweep shares (this file's header without its first
+    # paragraph)
     header_of "$0"
     echo
-    header_of "${BASH_SOURCE[0]}"
+    header_of "${BASH_SOURCE[0]}" | sed '1,/^$/d'
 }
 
 die() {
