@@ -115,6 +115,17 @@ def test_point_labels():
     assert skipped == []
 
 
+def test_labels_of_runs_at_one_place_are_stacked_and_kept_inside():
+    points = [("gem", 256, 62.5, "smoke"), ("gem_partial", 256, 62.5, "smoke"), ("netvlad", 2048, 75.0, "smoke"),
+              ("netvlad", 2048, 75.0, "msls"), ("vgg", 1024, 70.0, "smoke")]
+    assert gather_results.annotations(points, log_x=False) == [
+        ("gem\ngem_partial", 256, 62.5, False), ("netvlad", 2048, 75.0, True), ("netvlad", 2048, 75.0, True),
+        ("vgg", 1024, 70.0, False)]  # 1024 is left of the middle, 1152
+    # On a log axis the middle is the geometric mean (724): 1024 is on the right, its label goes to the left
+    assert gather_results.annotations(points, log_x=True)[3] == ("vgg", 1024, 70.0, True)
+    assert gather_results.annotations(points[:1], log_x=False) == [("gem", 256, 62.5, False)]
+
+
 def test_plot_flags_are_checked(runs, capsys):
     with pytest.raises(SystemExit):
         gather_results.main([str(runs / "sweep"), "--plot", str(runs / "plot.jpg")])

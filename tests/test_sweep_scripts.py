@@ -134,6 +134,7 @@ def test_help_shows_the_script_header_and_the_shared_options():
     assert result.returncode == 0
     assert result.stdout.startswith("Table 4 of the paper")
     assert "--smoke" in result.stdout and "--eval_datasets" in result.stdout and "--sweep_name" in result.stdout
+    assert "Sourced by" not in result.stdout  # the maintainers' notes of common.sh
 
 
 @pytest.mark.parametrize("name,args,variables,message", [

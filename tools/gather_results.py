@@ -146,21 +146,38 @@ def plot_points(rows, x_column, y_column, extra_flags=()):
     return points, skipped
 
 
+def annotations(points, log_x):
+    """(text, x, y, on the left) per place of the plot: the labels of the runs there, one under the other, on the
+    side towards the middle of the x axis (so that they stay inside the plot)."""
+    import math
+    scale = math.log if log_x else float
+    xs = [point[1] for point in points]
+    middle = (scale(min(xs)) + scale(max(xs))) / 2 if xs else 0
+    places = {}
+    for label, x, y, dataset in points:
+        places.setdefault((dataset, x, y), []).append(label)
+    return [("\n".join(labels), x, y, len(set(xs)) > 1 and scale(x) > middle)
+            for (_, x, y), labels in places.items()]
+
+
 def save_plot(path, points, x_column, y_column, title=None):
-    """A scatter plot of the points, one colour per dataset, each point labelled; a log x axis when the x values
-    span more than a factor 10 (descriptor sizes from 256 to 65536)."""
+    """A scatter plot of the points, one colour per dataset, each point labelled (the labels of runs at the same
+    place one under the other, on the side towards the middle); a log x axis when the x values span more than a
+    factor 10 (descriptor sizes from 256 to 65536)."""
     import matplotlib  # imported here: only --plot needs it
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(8, 5.5), dpi=100)
+    xs = [point[1] for point in points]
+    log_x = bool(xs) and min(xs) > 0 and max(xs) > 10 * min(xs)
+    if log_x:
+        axes.set_xscale("log")
     for dataset in dict.fromkeys(point[3] for point in points):
         series = [point for point in points if point[3] == dataset]
         axes.scatter([point[1] for point in series], [point[2] for point in series], label=dataset or None)
-        for label, x, y, _ in series:
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    xs = [point[1] for point in points]
-    if xs and min(xs) > 0 and max(xs) > 10 * min(xs):
-        axes.set_xscale("log")
+    for text, x, y, on_the_left in annotations(points, log_x):
+        axes.annotate(text, (x, y), textcoords="offset points", xytext=(-4 if on_the_left else 4, 4),
+                      ha="right" if on_the_left else "left", va="bottom", fontsize=8)
     axes.set_xlabel(x_column)
     axes.set_ylabel(f"{y_column} (%)" if y_column.startswith("R@") else y_column)
     axes.grid(True, alpha=0.3)
