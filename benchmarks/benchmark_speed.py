@@ -131,7 +131,8 @@ def machine_description(device):
 
 
 def run_process(command, cwd, log_path):
-    """Run `command`; returns (wall seconds, peak RSS of the process in MiB). Its output goes to `log_path`."""
+    """Run `command`; returns (wall seconds, peak RSS of the process in MiB, CPU seconds of the process and of
+    the processes it waited for, its loading workers). Its output goes to `log_path`."""
     with open(log_path, "w") as log:
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
@@ -142,7 +143,7 @@ def run_process(command, cwd, log_path):
         with open(log_path) as log:
             tail = log.read()[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed (exit status {process.returncode}):\n{tail}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB on Linux
 
 
 def read_results(run_root):
@@ -220,7 +221,8 @@ def synchronize(device):
 
 def backbone_rate(backbone, resize, batch_size, batches, device, train=False):
     """Images/s of the backbone on a random batch [batch_size, 3, H, W]: forward in eval mode without gradients,
-    or (train) forward and backward in train mode, as training runs it (frozen layers stay frozen)."""
+    or (train) forward and backward in train mode, as training runs it (frozen layers stay frozen).
+    Returns (images/s, CPU seconds of this process per image)."""
     images = torch.randn(batch_size, 3, resize[0], resize[1], device=device)
 
     def step():
@@ -233,12 +235,24 @@ def backbone_rate(backbone, resize, batch_size, batches, device, train=False):
     with torch.set_grad_enabled(train):
         step()  # warm-up: allocations, kernel choices
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(batches):
             step()
         synchronize(device)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     backbone.eval()
-    return batch_size * batches / (time.perf_counter() - start)
+    return batch_size * batches / seconds, cpu_seconds / (batch_size * batches)
+
+
+def import_seconds(repeats=3):
+    """Median wall time of a Python process that only imports torch and torchvision (every run pays it)."""
+    command = [sys.executable, "-c", "import torch, torchvision"]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def floor_row(name, rate, images, seconds, peak_mib):
@@ -263,31 +277,43 @@ def benchmark_evaluation(work_folder, datasets_folder, resizes, repeats, device,
         for aggregation in EVAL_AGGREGATIONS:
             label = f"{BACKBONE} + {aggregation}, {resize[0]}x{resize[1]}"
             model = build_model(aggregation, resize, device, datasets_folder, seed)
-            # The floor right before the run, so that both see the same machine load
-            rate = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
-            del model
-            fixed_seconds, _ = run_process(
+            # The floor right before and right after the run, so that both see the machine's load
+            rate_before, cpu_before = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
+            fixed_seconds, _, fixed_cpu = run_process(
                 eval_command(datasets_folder, f"{EVAL_DATASET}_2", aggregation, resize, device, "startup"),
                 work_folder, os.path.join(work_folder, "eval_startup.log"))
             save_dir = f"eval_{aggregation}_{resize[0]}x{resize[1]}"
             if os.path.isdir(os.path.join(work_folder, "logs", save_dir)):
                 shutil.rmtree(os.path.join(work_folder, "logs", save_dir))
             load_before = load_average()
-            seconds, peak_mib = run_process(
+            seconds, peak_mib, cpu_seconds = run_process(
                 eval_command(datasets_folder, dataset_name, aggregation, resize, device, save_dir), work_folder,
                 os.path.join(work_folder, f"{save_dir}.log"))
+            rate_after, cpu_after = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
+            del model
             results = read_results(os.path.join(work_folder, "logs", save_dir))
-            floor_seconds = images / rate
-            fixed_seconds = max(0.0, fixed_seconds - 2 / rate)  # without the compute of its 2 images
+            floor_per_image = (1 / rate_before + 1 / rate_after) / 2
+            floor_cpu_per_image = (cpu_before + cpu_after) / 2
+            rate = 1 / floor_per_image
+            floor_seconds = images * floor_per_image
+            fixed_seconds = max(0.0, fixed_seconds - 2 * floor_per_image)  # without the compute of its 2 images
+            fixed_cpu = max(0.0, fixed_cpu - 2 * floor_cpu_per_image)
+            ratio_without_fixed = max(seconds - fixed_seconds, 0.0) / floor_seconds
+            # From how many images on the whole process would meet the target, at this steady-state ratio
+            images_for_target = (math.ceil(fixed_seconds * rate / (TARGETS["evaluation"] - ratio_without_fixed))
+                                 if ratio_without_fixed < TARGETS["evaluation"] else None)
             rows.append({
                 "part": "evaluation", "what": f"eval.py, {label}", "images": images, "seconds": seconds,
-                "images_per_second": images / seconds, "floor_images_per_second": rate,
+                "images_per_second": images / seconds, "floor_images_per_second": [rate_before, rate_after],
                 "floor_seconds": floor_seconds, "ratio": seconds / floor_seconds,
                 "fixed_seconds": fixed_seconds,
-                "ratio_without_fixed": max(seconds - fixed_seconds, 0.0) / floor_seconds,
+                "ratio_without_fixed": ratio_without_fixed, "images_for_target": images_for_target,
+                "cpu_seconds": cpu_seconds, "floor_cpu_seconds": images * floor_cpu_per_image,
+                "cpu_ratio": cpu_seconds / (images * floor_cpu_per_image), "fixed_cpu_seconds": fixed_cpu,
                 "target": TARGETS["evaluation"], "peak_rss_mib": peak_mib,
                 "extraction_seconds": results["timings"]["extraction_seconds"],
-                "search_seconds": results["timings"]["search_seconds"], "load_average": load_before})
+                "search_seconds": results["timings"]["search_seconds"],
+                "load_average": [load_before, load_average()]})
             print(f"{rows[-1]['what']}: {seconds:.1f} s for {images} images, floor {floor_seconds:.1f} s, "
                   f"ratio {rows[-1]['ratio']:.3f} (fixed cost {fixed_seconds:.1f} s)", flush=True)
     return rows
@@ -300,9 +326,10 @@ def benchmark_training(work_folder, datasets_folder, train_resize, device, optio
     train_batch_size, negs_num = 4, options.negs_num_per_query
     model = build_model(TRAIN_AGGREGATION, train_resize, device, datasets_folder, seed)
     with PeakResidentSet() as memory:
-        forward_rate = backbone_rate(model.backbone, train_resize, options.infer_batch_size, FLOOR_BATCHES, device)
-        train_rate = backbone_rate(model.backbone, train_resize, train_batch_size * (2 + negs_num),
-                                   FLOOR_BATCHES, device, train=True)
+        forward_rate, _ = backbone_rate(model.backbone, train_resize, options.infer_batch_size, FLOOR_BATCHES,
+                                        device)
+        train_rate, _ = backbone_rate(model.backbone, train_resize, train_batch_size * (2 + negs_num),
+                                      FLOOR_BATCHES, device, train=True)
     del model
     size = f"{train_resize[0]}x{train_resize[1]}"
     rows = [floor_row(f"backbone forward, {size} (cache)", forward_rate, None, None, memory.peak_mib),
@@ -322,7 +349,7 @@ def benchmark_training(work_folder, datasets_folder, train_resize, device, optio
                    "--negs_num_per_query", str(negs_num), "--train_batch_size", str(train_batch_size),
                    "--save_dir", save_dir, "--quiet", "--seed", str(seed)]
         load_before = load_average()
-        _, peak_mib = run_process(command, work_folder, os.path.join(work_folder, f"{save_dir}.log"))
+        _, peak_mib, _ = run_process(command, work_folder, os.path.join(work_folder, f"{save_dir}.log"))
         refreshes = read_results(os.path.join(work_folder, "logs", save_dir))["refresh_timings"]
         seconds = sum(r["cache_seconds"] + r["mining_seconds"] + r["training_seconds"] for r in refreshes)
         cached = sum(r["cached_images"] for r in refreshes)
@@ -440,6 +467,7 @@ COLUMNS = [("part", "part", "{}"), ("what", "what", "{}"), ("images", "images", 
            ("seconds", "seconds", "{:.2f}"), ("images_per_second", "images/s", "{:.2f}"),
            ("floor_seconds", "floor s", "{:.1f}"), ("ratio", "ratio to floor", "{:.3f}"),
            ("fixed_seconds", "fixed s", "{:.1f}"), ("ratio_without_fixed", "ratio without fixed", "{:.3f}"),
+           ("images_for_target", "images for target", "{}"), ("cpu_ratio", "CPU-time ratio", "{:.3f}"),
            ("speedup", "speed-up", "{:.1f}x"), ("target", "target", "{}"), ("met", "met", "{}"),
            ("peak_rss_mib", "peak RSS MiB", "{:.0f}")]
 
@@ -536,12 +564,14 @@ def main(argv=None):
         for size in resizes:
             model = build_model("gem", size, device, datasets_folder, options.seed)
             with PeakResidentSet() as memory:
-                rate = backbone_rate(model.backbone, size, options.infer_batch_size, FLOOR_BATCHES, device)
+                rate, _ = backbone_rate(model.backbone, size, options.infer_batch_size, FLOOR_BATCHES, device)
             rows.append(floor_row(f"backbone forward, {size[0]}x{size[1]}, batches of {options.infer_batch_size}",
                                   rate, FLOOR_BATCHES * options.infer_batch_size,
                                   FLOOR_BATCHES * options.infer_batch_size / rate, memory.peak_mib))
             print(f"Floor at {size[0]}x{size[1]}: {rate:.2f} images/s", flush=True)
             del model
+        rows.append({"part": "floor", "what": "python -c 'import torch, torchvision' (every process pays it)",
+                     "seconds": import_seconds()})
         if "evaluation" not in options.skip:
             rows += benchmark_evaluation(work_folder, datasets_folder, resizes, options.small_resize_repeats, device,
                                          options.infer_batch_size, options.seed)
