@@ -200,6 +200,11 @@ def descriptor_batches(model, loader, device, mean_of_crops=False, pca=None, des
             if pca is not None:
                 features = pca.transform(features)
             features = np.asarray(features, dtype=np.float32)
+            if not np.isfinite(features).all():
+                # faiss would rank NaN descriptors silently, and every recall would read as a plain miss
+                raise UserInputError(
+                    "The model gives non-finite descriptors (NaN or inf) for some images: its weights are broken "
+                    "(a diverged training or a damaged checkpoint). Check --resume, or retrain with a lower --lr.")
             if crops_num is not None and not mean_of_crops:
                 features = features.reshape(len(indices), crops_num, -1)
             yield indices.numpy(), features

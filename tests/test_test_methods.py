@@ -273,3 +273,14 @@ def test_streaming_search_memory_does_not_grow_with_the_database():
     whole_database_bytes = 50_000 * dim * 4  # 12.8 MB, what the one-shot search holds
     assert large < whole_database_bytes / 4
     assert large < small * 1.5
+
+
+def test_non_finite_descriptors_stop_the_test_with_a_clear_error():
+    class BrokenModel(torch.nn.Module):
+        def forward(self, images):
+            features = torch.ones(images.shape[0], 4)
+            features[0, 1] = float("nan")
+            return features
+    loader = [(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))]
+    with pytest.raises(UserInputError, match="non-finite descriptors .* Check --resume, or retrain with a lower --lr"):
+        list(vg_test.descriptor_batches(BrokenModel(), loader, "cpu"))
