@@ -72,6 +72,7 @@ OTHER_SPLITS_IMAGES = 2
 NETVLAD_CLUSTERS = 64
 # The eval floor is measured just before each eval.py run on this many batches
 FLOOR_BATCHES = 3
+TRAIN_FLOOR_BATCHES = 2
 TARGETS = {"evaluation": 1.05, "training": 1.10, "layers": 10.0, "mining": 10.0}
 
 
@@ -172,7 +173,7 @@ def make_datasets(work_folder, image_size, eval_images, train_database_num, trai
         start = time.perf_counter()
         make_synthetic_dataset.generate_dataset(
             datasets_folder, name, seed=seed, val_database_num=small, val_queries_num=small,
-            train_far_queries_num=0, image_size=tuple(image_size), processes=processes, **sizes)
+            train_far_queries_num=0, image_size=tuple(image_size), processes=processes, overwrite=True, **sizes)
         print(f"Dataset {name} ready in {time.perf_counter() - start:.0f} s", flush=True)
     test_folder = os.path.join(datasets_folder, EVAL_DATASET, "images", "test")
     linked_split(test_folder, os.path.join(datasets_folder, f"{EVAL_DATASET}_x{repeats}", "images", "test"),
@@ -324,17 +325,20 @@ def benchmark_evaluation(work_folder, datasets_folder, resizes, repeats, device,
 
 def benchmark_training(work_folder, datasets_folder, train_resize, device, options, seed):
     train_batch_size, negs_num = 4, options.negs_num_per_query
+    group_images = train_batch_size * (2 + negs_num)
     model = build_model(TRAIN_AGGREGATION, train_resize, device, datasets_folder, seed)
+
+    def floor_rates():
+        """(forward, forward+backward) images/s of the backbone at the training resize."""
+        return (backbone_rate(model.backbone, train_resize, options.infer_batch_size, FLOOR_BATCHES, device)[0],
+                backbone_rate(model.backbone, train_resize, group_images, TRAIN_FLOOR_BATCHES, device,
+                              train=True)[0])
+    # The floor before the first run, between the runs and after the last: each run is compared with the mean
+    # of the floors around it
     with PeakResidentSet() as memory:
-        forward_rate, _ = backbone_rate(model.backbone, train_resize, options.infer_batch_size, FLOOR_BATCHES,
-                                        device)
-        train_rate, _ = backbone_rate(model.backbone, train_resize, train_batch_size * (2 + negs_num),
-                                      FLOOR_BATCHES, device, train=True)
-    del model
+        rates = [floor_rates()]
     size = f"{train_resize[0]}x{train_resize[1]}"
-    rows = [floor_row(f"backbone forward, {size} (cache)", forward_rate, None, None, memory.peak_mib),
-            floor_row(f"backbone forward+backward, {size}, batches of {train_batch_size * (2 + negs_num)}",
-                      train_rate, None, None, memory.peak_mib)]
+    rows = []
     for mining_name in TRAIN_MININGS:
         save_dir = f"train_{mining_name}"
         if os.path.isdir(os.path.join(work_folder, "logs", save_dir)):
@@ -350,11 +354,14 @@ def benchmark_training(work_folder, datasets_folder, train_resize, device, optio
                    "--save_dir", save_dir, "--quiet", "--seed", str(seed)]
         load_before = load_average()
         _, peak_mib, _ = run_process(command, work_folder, os.path.join(work_folder, f"{save_dir}.log"))
+        rates.append(floor_rates())
+        forward_seconds = (1 / rates[-2][0] + 1 / rates[-1][0]) / 2  # per image
+        train_seconds = (1 / rates[-2][1] + 1 / rates[-1][1]) / 2
         refreshes = read_results(os.path.join(work_folder, "logs", save_dir))["refresh_timings"]
         seconds = sum(r["cache_seconds"] + r["mining_seconds"] + r["training_seconds"] for r in refreshes)
         cached = sum(r["cached_images"] for r in refreshes)
         trained = sum(r["trained_images"] for r in refreshes)
-        floor_seconds = cached / forward_rate + trained / train_rate
+        floor_seconds = cached * forward_seconds + trained * train_seconds
         rows.append({
             "part": "training",
             "what": f"train.py, {mining_name} mining, {BACKBONE} + {TRAIN_AGGREGATION}, {size}, per refresh of "
@@ -366,10 +373,16 @@ def benchmark_training(work_folder, datasets_folder, train_resize, device, optio
             "cache_seconds": sum(r["cache_seconds"] for r in refreshes) / len(refreshes),
             "mining_seconds": sum(r["mining_seconds"] for r in refreshes) / len(refreshes),
             "training_seconds": sum(r["training_seconds"] for r in refreshes) / len(refreshes),
-            "refreshes": len(refreshes), "load_average": load_before})
+            "refreshes": len(refreshes), "load_average": [load_before, load_average()]})
         print(f"{rows[-1]['what']}: {rows[-1]['seconds']:.1f} s, floor {rows[-1]['floor_seconds']:.1f} s, "
               f"ratio {rows[-1]['ratio']:.3f}", flush=True)
-    return rows
+    del model
+    forward_rate = statistics.median(rate[0] for rate in rates)
+    train_rate = statistics.median(rate[1] for rate in rates)
+    return [floor_row(f"backbone forward, {size}, batches of {options.infer_batch_size} (median of "
+                      f"{len(rates)})", forward_rate, None, None, memory.peak_mib),
+            floor_row(f"backbone forward+backward, {size}, batches of {group_images} (median of {len(rates)})",
+                      train_rate, None, None, memory.peak_mib)] + rows
 
 
 # ----------------------------------------------------------------------------------------------------------
