@@ -207,23 +207,12 @@ class ImagesDataset(data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Data loaders
 
-# Loading workers on a CPU-only run are niced this much, so that they use the cores the model leaves idle
-# instead of preempting its threads (each preemption stalls the model's other threads at their next barrier)
-CPU_WORKER_NICENESS = 10
-
-
-def _lower_priority(worker_id):
-    os.nice(CPU_WORKER_NICENESS)
-
-
 def loader_options(num_workers, device):
-    """DataLoader keyword arguments shared by every loader: workers, pinned memory on CUDA only, and on the CPU
-    workers that yield to the model's threads."""
-    on_cuda = torch.device(device).type == "cuda"
-    options = {"num_workers": num_workers, "pin_memory": on_cuda}
-    if num_workers > 0 and not on_cuda:
-        options["worker_init_fn"] = _lower_priority
-    return options
+    """DataLoader keyword arguments shared by every loader: the workers, and pinned memory on CUDA only.
+
+    Workers keep the model's priority: niced workers (tried, so that they would only use the cores the model
+    leaves idle) were starved by any other process on a shared machine, and the model then waited for them."""
+    return {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda"}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The speed-ups change nothing that a model sees or computes: the same tensors (bit for bit) as the original's
-image pipeline, the same descriptors and predictions with worker processes (niced) or without, the same
+image pipeline, the same descriptors and predictions with worker processes or without, the same
 retrieval with several processes as with one, and scripts that leave at once still finish their work."""
 import glob
 import os
@@ -150,24 +150,9 @@ def test_worker_processes_give_the_same_descriptors_and_predictions(test_method)
             np.testing.assert_array_equal(seen[(2, kind)][index], descriptor)
 
 
-class NicenessDataset(torch.utils.data.Dataset):
-    def __getitem__(self, index):
-        return torch.tensor(os.nice(0))
-
-    def __len__(self):
-        return 2
-
-
-def test_cpu_workers_yield_to_the_model_and_cuda_ones_do_not():
-    own = os.nice(0)
-    options = datasets_ws.loader_options(1, "cpu")
-    loader = torch.utils.data.DataLoader(NicenessDataset(), batch_size=1, **options)
-    assert [int(n) for n in loader] == [min(19, own + datasets_ws.CPU_WORKER_NICENESS)] * 2
-    assert os.nice(0) == own  # the main process (the model's threads) keeps its priority
-    assert not options["pin_memory"]
-    cuda = datasets_ws.loader_options(4, "cuda")
-    assert cuda == {"num_workers": 4, "pin_memory": True}
-    assert datasets_ws.loader_options(0, "cpu") == {"num_workers": 0, "pin_memory": False}
+def test_loader_options_pin_memory_on_cuda_only():
+    assert datasets_ws.loader_options(1, "cpu") == {"num_workers": 1, "pin_memory": False}
+    assert datasets_ws.loader_options(4, torch.device("cuda", 0)) == {"num_workers": 4, "pin_memory": True}
 
 
 @pytest.mark.parametrize("device, cpus, expected", [("cpu", 1, 1), ("cpu", 2, 1), ("cpu", 8, 2), ("cpu", 64, 8),
