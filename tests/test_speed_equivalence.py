@@ -2,6 +2,7 @@
 image pipeline, the same descriptors and predictions with worker processes or without, the same
 retrieval with several processes as with one, and scripts that leave at once still finish their work."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -292,3 +293,44 @@ def test_the_scripts_start_without_scikit_learn():
     code = "import sys; sys.path.insert(0, sys.argv[1]); import eval, train; print('sklearn' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code, REPO], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+def test_speed_benchmark_runs_and_writes_its_table(tmp_path):
+    """The floor, layers and mining parts of benchmarks/benchmark_speed.py at --quick sizes (the evaluation
+    and training parts run whole scripts: the tests of eval.py and train.py cover those)."""
+    output = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "benchmark_speed.py"), "--quick",
+                             "--device", "cpu", "--skip", "evaluation", "training", "--work_folder",
+                             str(tmp_path / "work"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    parts = [row["part"] for row in report["rows"]]
+    assert parts.count("floor") == 3 and parts.count("layers") == 2 and parts.count("mining") == 4
+    for row in report["rows"]:
+        if "speedup" in row:
+            assert row["met"] in ("yes", "no") and row["speedup"] > 0
+    assert report["table"] in result.stdout and report["machine"]["device"] == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- mining
+
+def test_blocked_pairwise_distances_are_faiss_exact_search_distances():
+    """Several blocks of candidate columns (and padding): each distance is what an exact faiss search of the
+    query among its candidates gives, as the original's one index per query."""
+    import faiss
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((500, 24)).astype(np.float32)
+    columns = 2 * mining.CANDIDATES_PER_BLOCK + 7
+    candidate_rows = np.stack([np.sort(rng.choice(400, columns, replace=False)) for _ in range(9)])
+    candidate_rows[3, -10:] = -1  # padding of a query with fewer candidates
+    query_rows = np.arange(400, 409)
+    distances = mining.pairwise_distances(features, query_rows, candidate_rows)
+    for query, rows, got in zip(query_rows, candidate_rows, distances):
+        valid = rows >= 0
+        index = faiss.IndexFlatL2(features.shape[1])
+        index.add(features[rows[valid]])
+        expected, order = index.search(features[query:query + 1], int(valid.sum()))
+        np.testing.assert_array_equal(got[valid][order[0]], expected[0])
