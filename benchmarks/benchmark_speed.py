@@ -22,17 +22,23 @@ measures, and prints as a Markdown table and writes as JSON:
   memory      the peak resident set size of each (of the eval.py / train.py process, or of this process while it
               measures).
 
-    python benchmarks/benchmark_speed.py                       # the README's table (about 12 minutes on 2 cores)
+    python benchmarks/benchmark_speed.py --work_folder data/benchmark_speed   # the README's table
     python benchmarks/benchmark_speed.py --quick               # small images and counts: checks the plumbing
 
-The device is chosen automatically (CUDA when available); on a GPU the ratios say how far the data pipeline is
-from feeding the GPU, and the images/s column gives the throughput.
+It takes about 8 minutes on a quiet 2-core machine (15 to 18 when other work shares its cores). The device is
+chosen automatically (CUDA when available); on a GPU the ratios say how far the data pipeline and the start-up
+are from the GPU's own speed, and the images/s column gives the throughput. On a shared machine the figures move
+with the load (printed with them): the floor is measured right before and after each run for that reason, and
+the CPU-time ratio (user + system seconds of the whole process tree against the floor's) moves less than the
+wall-time one.
 
-Image counts: evaluation at 480x640 uses --eval_images images (default 200: 160 database + 40 queries, about
-75 s of backbone compute on 2 cores, so that the process start-up, several seconds, weighs as it does on a
-small dataset rather than vanishing or dominating); at 240x320, four times faster, the test split is repeated
---small_resize_repeats times (default 4, the same JPEGs linked under other names, each decoded and resized on
-its own) to keep the run as long.
+Image counts: evaluation at 480x640 uses --eval_images images (default 200: 160 database + 40 queries, 40 to
+80 s of backbone compute on 2 cores, so that the process start-up, 4 to 6 s, weighs as it does on a small
+dataset rather than vanishing or dominating, and the whole benchmark stays well under 15 minutes); at 240x320,
+four times faster, the test split is repeated --small_resize_repeats times (default 4, the same JPEGs linked
+under other names, each decoded and resized on its own) to keep the run as long. The "images for target"
+column says from how many images the whole process would meet the target, given its fixed cost and its ratio
+without it.
 """
 import argparse
 import contextlib
