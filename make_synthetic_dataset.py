@@ -4,10 +4,20 @@ Each split is one straight street, kilometres away from the other splits' street
 (per-building colour, material, window grid, shop signs), trees, lamp posts, road signs and parked cars,
 drawn in perspective by a pinhole camera that looks along the street. Database cameras drive along the
 street in both directions, one every DATABASE_SPACING_M metres per direction; queries stand at random
-places on the street with a small change of viewpoint (position, heading, height, pitch, field of view)
-and differ in light, colour, blur and noise. As the camera looks along the street, two places 25 m apart
-share many of the buildings they see, while 100 m and more apart they see mostly different ones (haze fades
-what is far away), so retrieval can be learned.
+places on the street with a small change of viewpoint (position, heading, height, pitch, field of view),
+under another sky, among other passing cars, with blur and noise. As the camera looks along the street, two
+places 25 m apart share many of the buildings they see, while 100 m and more apart they see mostly different
+ones (haze fades what is far away), so retrieval can be learned.
+
+Queries keep the database's light and colours, so that a few minutes of training from random weights on the
+CPU (the demo) learn something that holds on a street never seen in training: what identifies a place across
+a change of viewpoint. Measured with ResNet-18 conv4 from random weights, 600 triplets at 96x128, on a test
+street of 400 database images and 300 queries (chance R@1 about 5 %): test R@1 went from 24-34 untrained to
+44-52 trained; the demo's 1,200 triplets (NetVLAD, 16 clusters) take its test street from R@1 35 to 73. Giving each query another light and colour (exposure, contrast, saturation, white balance,
+gamma), or all of them a dusk light or a colour cast, left both the untrained and the trained model near
+chance on the test street, even after three times longer training: the layers that stay frozen (random)
+pass the colour change on, and what is trained did not learn to undo it, though it learned to recognise the
+training street's places. Halving those changes halved the gain.
 
 Training queries "without positives": the training database has a few holes (GAP_LENGTH_M metres longer
 than the usual spacing) and `train_far_queries_num` training queries stand inside them, more than 10 m
@@ -40,7 +50,7 @@ from PIL import Image, ImageFilter
 SPLITS = ("train", "val", "test")
 SUBFOLDERS = ("database", "queries")
 MARKER_NAME = ".complete"  # written last: a dataset folder without it is incomplete
-FORMAT_VERSION = 1  # raise when the rendering changes, so that old sets are not silently reused
+FORMAT_VERSION = 2  # raise when the rendering changes, so that old sets are not silently reused
 JPEG_QUALITY = 90
 DEFAULT_SIZES = {"train": (600, 300), "val": (200, 100), "test": (200, 100)}  # (database, queries): the demo's set
 
@@ -532,13 +542,7 @@ def render_view(world, camera, image_size, rng):
 
 
 def degrade_query(image, rng):
-    """Another light, colour, blur and noise: what makes a query look unlike the database."""
-    gray = image.mean(axis=2, keepdims=True)
-    image = gray + (image - gray) * rng.uniform(0.5, 1.4)  # saturation
-    mean = image.mean()
-    image = (image - mean) * rng.uniform(0.7, 1.25) + mean  # contrast
-    image = image * rng.uniform(0.55, 1.35) * rng.uniform(0.85, 1.15, 3).astype(np.float32)  # light, white balance
-    image = np.clip(image, 0, 1) ** math.exp(rng.uniform(-0.3, 0.3))  # gamma
+    """Another camera: blur and noise (not another light or colour: see the module's docstring)."""
     blur_radius = rng.uniform(0, 1.6) * image.shape[1] / 320 if rng.random() < 0.7 else 0.0
     if blur_radius > 0.2:
         pil = Image.fromarray(_to_uint8(image)).filter(ImageFilter.GaussianBlur(blur_radius))
@@ -714,7 +718,8 @@ def generate_dataset(datasets_folder: str, dataset_name: str = "synthetic", *, s
     """Generate the synthetic dataset at <datasets_folder>/<dataset_name> and return that folder.
 
     A complete dataset with the same parameters is kept as it is. One with other parameters is an error
-    unless `overwrite`. A folder without the completion marker (an interrupted run) is generated again.
+    unless `overwrite`. A folder without the completion marker (an interrupted run), or one that an older
+    version of this script rendered with the same parameters, is generated again.
     `train_far_queries_num` (None: 3 % of the training queries, at least one) training queries have no
     database image within 10 m.
     """
@@ -731,7 +736,9 @@ def generate_dataset(datasets_folder: str, dataset_name: str = "synthetic", *, s
         existing = _read_marker(folder)
         if existing == parameters:
             return folder
-        if existing is not None and not overwrite:
+        # Rendered by an older version of this script with the same parameters: stale, so replaced
+        outdated = existing is not None and {**existing, "format_version": FORMAT_VERSION} == parameters
+        if existing is not None and not overwrite and not outdated:
             changed = sorted(key for key in set(existing) | set(parameters) if existing.get(key) != parameters.get(key))
             raise ValueError(f"{folder} already holds a synthetic dataset generated with other parameters "
                              f"({', '.join(changed)} differ). Pass --overwrite (overwrite=True) to replace it, "
