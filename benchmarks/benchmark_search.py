@@ -21,7 +21,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 
 import faiss
@@ -33,44 +32,10 @@ sys.path.insert(0, REPO_FOLDER)
 import descriptor_store  # noqa: E402
 import search  # noqa: E402
 from commons import UserInputError  # noqa: E402
+from resident_memory import MIB, PeakResidentSet  # noqa: E402
 
-MIB = 1024 ** 2
 RECALL_NS = (1, 10)
 SHARD_ROWS = 65536
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakResidentSet:
-    """Peak growth of this process's resident set size (RSS) inside a `with` block, polled every 5 ms from a
-    thread (faiss releases Python's lock while it works)."""
-
-    def __init__(self):
-        self.start = self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def current():
-        with open("/proc/self/statm") as file:
-            return int(file.read().split()[1]) * PAGE_BYTES
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self):
-        self.start = self.peak = self.current()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-    @property
-    def growth_mib(self):
-        return (self.peak - self.start) / MIB
 
 
 # ----------------------------------------------------------------------------------------------------------

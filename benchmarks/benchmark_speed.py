@@ -51,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -65,9 +64,8 @@ import make_synthetic_dataset  # noqa: E402
 import mining  # noqa: E402
 import network  # noqa: E402
 import parser as vg_parser  # noqa: E402
+from resident_memory import PeakResidentSet  # noqa: E402
 
-MIB = 1024 ** 2
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 BACKBONE = "resnet18conv4"
 EVAL_AGGREGATIONS = ("netvlad", "gem")
 TRAIN_AGGREGATION = "netvlad"
@@ -84,38 +82,6 @@ TARGETS = {"evaluation": 1.05, "training": 1.10, "layers": 10.0, "mining": 10.0}
 
 # ----------------------------------------------------------------------------------------------------------
 # Memory and machine
-
-class PeakResidentSet:
-    """Peak resident set size of this process inside a `with` block, polled every 5 ms from a thread."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-
-    @staticmethod
-    def current():
-        with open("/proc/self/statm") as file:
-            return int(file.read().split()[1]) * PAGE_BYTES
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self):
-        self.peak = self.current()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-    @property
-    def peak_mib(self):
-        return self.peak / MIB
-
 
 def load_average():
     return [round(value, 2) for value in os.getloadavg()]
