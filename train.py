@@ -340,14 +340,16 @@ def run(args, world):
         logging.warning(f"No {BEST_MODEL_FILENAME} was written (R@5 never rose above {best_r5:.1f}): testing the "
                         "model as it is")
     test_start = time.perf_counter()
-    recalls, recalls_str = evaluate(args, test_ds, raw_model, args.test_method, world)
-    logging.info(f"Recalls on {test_ds}: {recalls_str}")
+    test_evaluation = test.evaluate(args, test_ds, raw_model, args.test_method, world=world)
+    recalls = test_evaluation.recalls
+    logging.info(f"Recalls on {test_ds}: {test_evaluation.recalls_str}")
     if is_main:
         recalls_by_split = {"test": recalls} if best_val_recalls is None else {"val": best_val_recalls, "test": recalls}
         outcome = results.write_results(
             output_folder, args, raw_model, recalls_by_split,
             {"training_seconds": training_seconds, "test_seconds": time.perf_counter() - test_start,
-             "total_seconds": (datetime.now() - start_time).total_seconds()},
+             "extraction_seconds": test_evaluation.extraction_seconds,
+             "search_seconds": test_evaluation.search_seconds, "total_seconds": (datetime.now() - start_time).total_seconds()},
             {"val": val_ds, "test": test_ds}, script="train.py", start_time=start_time,
             extra={"best_r5": best_r5, "epochs_num": epoch_num + 1, "refresh_timings": refresh_timings})
         results.print_result_line(outcome)

@@ -1,5 +1,6 @@
 """train.py end to end on small synthetic datasets: it learns, it writes its run folder, it resumes after a crash."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -161,6 +162,9 @@ def test_training_from_random_weights_beats_the_untrained_model(tmp_path, street
     trained_r1 = float(re.search(r"Recalls on < [^>]*>: R@1: ([\d.]+)", info).group(1))
     assert trained_r1 >= untrained_recalls[1] + 25, (untrained_recalls[1], trained_r1)  # 35.0 -> 87.5 here
     assert '"split": "test"' in result.stdout
+    with open(os.path.join(run_folder, "results.json")) as file:
+        timings = json.load(file)["timings"]
+    assert 0 < timings["search_seconds"] < timings["extraction_seconds"] < timings["test_seconds"]
     last = checkpoint.load_checkpoint(os.path.join(run_folder, "last_model.pth"))
     assert last["epoch_num"] == 5
 
