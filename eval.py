@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 import commons
 import datasets_ws
 import descriptor_store
+import memory_allocator
 import network
 import parser
 import pca as vg_pca
@@ -124,6 +125,8 @@ def main():
     else:
         commons.setup_worker_logging(world.rank)
     commons.make_deterministic(args.seed)
+    allocator_tuned = memory_allocator.keep_freed_memory()
+    logging.debug(f"Freed memory kept for reuse by the process (memory_allocator.py): {allocator_tuned}")
     logging.info(commons.describe_run_folder(output_folder))
     descriptors_folder = descriptors_folder_of(args, output_folder, world)
 

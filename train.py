@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 import checkpoint
 import commons
 import datasets_ws
+import memory_allocator
 import mining
 import network
 import parser
@@ -180,6 +181,8 @@ def run(args, world):
     logging.info(commons.describe_run_folder(output_folder))
     logging.info(f"Using {world.world_size} process(es) on {world.device.type}, {os.cpu_count()} CPUs")
     commons.make_deterministic(args.seed)
+    allocator_tuned = memory_allocator.keep_freed_memory()
+    logging.debug(f"Freed memory kept for reuse by the process (memory_allocator.py): {allocator_tuned}")
     device = world.device
     amp_dtype = autocast_dtype(args.use_amp, device)
     if amp_dtype is not None:
