@@ -61,6 +61,7 @@ sys.path.insert(0, REPO_FOLDER)
 
 import commons  # noqa: E402
 import make_synthetic_dataset  # noqa: E402
+import memory_allocator  # noqa: E402
 import mining  # noqa: E402
 import network  # noqa: E402
 import parser as vg_parser  # noqa: E402
@@ -532,6 +533,8 @@ def main(argv=None):
     options = build_parser().parse_args(argv)
     if options.quick:
         vars(options).update(QUICK)
+    # The floor at its best: with the allocator setting that eval.py and train.py use
+    memory_allocator.keep_freed_memory()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if options.device == "auto"
                           else options.device)
     resizes = [list(options.image_size), [options.image_size[0] // 2, options.image_size[1] // 2]]

@@ -156,7 +156,8 @@ def test_loader_options_pin_memory_on_cuda_only():
     assert datasets_ws.loader_options(4, torch.device("cuda", 0)) == {"num_workers": 4, "pin_memory": True}
 
 
-@pytest.mark.parametrize("device, cpus, expected", [("cpu", 1, 1), ("cpu", 2, 1), ("cpu", 8, 2), ("cpu", 64, 8),
+@pytest.mark.parametrize("device, cpus, expected", [("cpu", 1, 0), ("cpu", 2, 0), ("cpu", 4, 1), ("cpu", 8, 2),
+                                                    ("cpu", 64, 8),
                                                     ("cuda", 2, 2), ("cuda", 16, 8)])
 def test_default_num_workers_from_the_device_and_cores(device, cpus, expected):
     assert vg_parser.default_num_workers(device, cpus) == expected
