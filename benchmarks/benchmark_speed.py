@@ -25,15 +25,15 @@ measures, and prints as a Markdown table and writes as JSON:
     python benchmarks/benchmark_speed.py --work_folder data/benchmark_speed   # the README's table
     python benchmarks/benchmark_speed.py --quick               # small images and counts: checks the plumbing
 
-It takes about 8 minutes on a quiet 2-core machine (15 to 18 when other work shares its cores). The device is
+It takes about 5 minutes on a quiet 2-core machine (longer when other work shares its cores). The device is
 chosen automatically (CUDA when available); on a GPU the ratios say how far the data pipeline and the start-up
 are from the GPU's own speed, and the images/s column gives the throughput. On a shared machine the figures move
 with the load (printed with them): the floor is measured right before and after each run for that reason, and
 the CPU-time ratio (user + system seconds of the whole process tree against the floor's) moves less than the
 wall-time one.
 
-Image counts: evaluation at 480x640 uses --eval_images images (default 200: 160 database + 40 queries, 40 to
-80 s of backbone compute on 2 cores, so that the process start-up, 4 to 6 s, weighs as it does on a small
+Image counts: evaluation at 480x640 uses --eval_images images (default 200: 160 database + 40 queries, 20 to
+40 s of backbone compute on 2 cores, so that the process start-up, 4 to 6 s, weighs as it does on a small
 dataset rather than vanishing or dominating, and the whole benchmark stays well under 15 minutes); at 240x320,
 four times faster, the test split is repeated --small_resize_repeats times (default 4, the same JPEGs linked
 under other names, each decoded and resized on its own) to keep the run as long. The "images for target"
