@@ -422,6 +422,13 @@ def build_index(name, params, database, max_ram_gb, folder):
     return built
 
 
+def index_query_rows(max_ram_gb, dim, queries_num, k):
+    """Queries searched at once in a built index: half of a chunk of the exact search's plan (the other half of
+    the chunk's share of the budget goes to the part of the index being searched)."""
+    _, query_rows = plan_exact_search(max_ram_gb, dim, queries_num, k)
+    return max(1, query_rows // 2)
+
+
 def search_built_index(built, params, queries, k, query_chunk_rows):
     """Search every part of `built` for chunks of the `queries` vectors (anything that slices into [n, dim]);
     the parts' top-k merged per query. Returns (distances, predictions) [queries, k]; -1 / inf where the
@@ -514,8 +521,7 @@ def search_descriptors(database, queries, k, settings, index_folder=None):
     if index_folder is None:
         raise ValueError(f"--faiss_index {settings.faiss_index} needs a folder to save the index in")
     built = build_index(settings.faiss_index, settings.params, database, settings.max_ram_gb, index_folder)
-    _, query_rows = plan_exact_search(settings.max_ram_gb, dim, len(queries), k)
-    query_rows = max(1, query_rows // 2)  # the other half of a chunk's share: the part being searched
+    query_rows = index_query_rows(settings.max_ram_gb, dim, len(queries), k)
     start_time = time.perf_counter()
     distances, predictions = search_built_index(built, settings.params, queries, k, query_rows)
     return SearchResult(distances, predictions, 0.0 if built.reused else built.build_seconds,

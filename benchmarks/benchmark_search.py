@@ -32,7 +32,7 @@ sys.path.insert(0, REPO_FOLDER)
 import descriptor_store  # noqa: E402
 import search  # noqa: E402
 from commons import UserInputError  # noqa: E402
-from resident_memory import MIB, PeakResidentSet  # noqa: E402
+from measurement import MIB, PeakResidentSet, load_average, markdown_table  # noqa: E402
 
 RECALL_NS = (1, 10)
 SHARD_ROWS = 65536
@@ -131,7 +131,7 @@ def benchmark(data_name, database, queries, index_params, max_ram_gb, work_folde
                 rows.append({"data": data_name, "index": name, "parameters": f"not built: {error}"})
                 continue
             build_seconds = time.perf_counter() - start
-        _, query_rows = search.plan_exact_search(max_ram_gb, database.row_shape[-1], len(queries_vectors), k)
+        query_rows = search.index_query_rows(max_ram_gb, database.row_shape[-1], len(queries_vectors), k)
         with PeakResidentSet() as search_memory:
             start = time.perf_counter()
             _, predictions = search.search_built_index(built, params, queries_vectors, k, query_rows)
@@ -163,15 +163,6 @@ COLUMNS = [("data", "data", "{}"), ("index", "index", "{}"), ("parameters", "par
            ("index_mib", "index MiB", "{:.0f}"), ("search_rss_mib", "search RSS +MiB", "{:.0f}"),
            ("queries_per_second", "queries/s", "{:.0f}"), ("recall@1", "recall@1", "{:.3f}"),
            ("recall@10", "recall@10", "{:.3f}"), ("geo_R@1", "geo R@1", "{:.1f}"), ("geo_R@5", "geo R@5", "{:.1f}")]
-
-
-def markdown_table(rows):
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(form.format(row[key]) if key in row else "" for key, _, form in COLUMNS)
-                     + " |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,21 +228,19 @@ def main(argv=None):
                                       args.intrinsic_dim, args.spread, args.seed, args.seed + 1)
             rows += benchmark(f"synthetic {args.database_num // 1000}k x {args.dim}", database, queries,
                               {name: synthetic_params for name in args.indexes}, args.max_ram_gb, work, args.k)
-            print(markdown_table(rows), flush=True)
+            print(markdown_table(rows, COLUMNS), flush=True)
         if not args.skip_real:
             database, queries, dataset = real_descriptors(work, args.real_database_num, args.real_queries_num,
                                                           args.real_image_size, args.seed)
             rows += benchmark(f"real {database.rows} x {database.row_shape[-1]}", database, queries,
                               {name: real_params for name in args.indexes}, args.max_ram_gb, work, args.k,
                               dataset)
-    table = markdown_table(rows)
+    table = markdown_table(rows, COLUMNS)
     print(table)
-    with open("/proc/loadavg") as file:
-        load = file.read().split()[:3]
     report = {"rows": rows, "arguments": vars(args), "table": table, "total_seconds": time.perf_counter() - start,
               "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
-                          "load_average": load, "python": platform.python_version(), "faiss": faiss.__version__,
-                          "numpy": np.__version__}}
+                          "load_average": load_average(), "python": platform.python_version(),
+                          "faiss": faiss.__version__, "numpy": np.__version__}}
     with open(args.output, "w") as file:
         json.dump(report, file, indent=1)
     print(f"Figures written to {args.output}")

@@ -65,7 +65,7 @@ import memory_allocator  # noqa: E402
 import mining  # noqa: E402
 import network  # noqa: E402
 import parser as vg_parser  # noqa: E402
-from resident_memory import PeakResidentSet  # noqa: E402
+from measurement import PeakResidentSet, load_average, markdown_table  # noqa: E402
 
 BACKBONE = "resnet18conv4"
 EVAL_AGGREGATIONS = ("netvlad", "gem")
@@ -83,10 +83,6 @@ TARGETS = {"evaluation": 1.05, "training": 1.10, "layers": 10.0, "mining": 10.0}
 
 # ----------------------------------------------------------------------------------------------------------
 # Memory and machine
-
-def load_average():
-    return [round(value, 2) for value in os.getloadavg()]
-
 
 def machine_description(device):
     cpu_name = platform.processor() or platform.machine()
@@ -221,12 +217,7 @@ def backbone_rate(backbone, resize, batch_size, batches, device, train=False):
 def import_seconds(repeats=3):
     """Median wall time of a Python process that only imports torch and torchvision (every run pays it)."""
     command = [sys.executable, "-c", "import torch, torchvision"]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: subprocess.run(command, check=True), repeats)
 
 
 def floor_row(name, rate, images, seconds, peak_mib):
@@ -386,17 +377,18 @@ def benchmark_netvlad(resize, batch_size, repeats):
     layer = NetVLAD(clusters_num=NETVLAD_CLUSTERS, dim=dim).eval()
     torch.nn.init.normal_(layer.conv.weight, std=5)  # sharp assignments, as after the k-means initialisation
     x = torch.rand(batch_size, dim, math.ceil(resize[0] / 16), math.ceil(resize[1] / 16))
-    with torch.no_grad(), PeakResidentSet() as memory:
+    with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(layer, x), rtol=0, atol=1e-5)
-
-        one_pass_seconds = median_seconds(lambda: layer(x), repeats)
-        loop_seconds = median_seconds(lambda: reference(layer, x), repeats)
+        with PeakResidentSet() as one_pass_memory:
+            one_pass_seconds = median_seconds(lambda: layer(x), repeats)
+        with PeakResidentSet() as loop_memory:
+            loop_seconds = median_seconds(lambda: reference(layer, x), repeats)
     what = (f"NetVLAD forward (CPU), {NETVLAD_CLUSTERS} clusters, map [{batch_size}, {dim}, {x.shape[2]}, "
             f"{x.shape[3]}]")
     return [{"part": "layers", "what": f"{what}: one pass", "images": batch_size, "seconds": one_pass_seconds,
-             "images_per_second": batch_size / one_pass_seconds, "peak_rss_mib": memory.peak_mib},
+             "images_per_second": batch_size / one_pass_seconds, "peak_rss_mib": one_pass_memory.peak_mib},
             {"part": "layers", "what": f"{what}: loop over clusters", "images": batch_size, "seconds": loop_seconds,
-             "images_per_second": batch_size / loop_seconds, "peak_rss_mib": memory.peak_mib,
+             "images_per_second": batch_size / loop_seconds, "peak_rss_mib": loop_memory.peak_mib,
              "speedup": loop_seconds / one_pass_seconds, "target": TARGETS["layers"]}]
 
 
@@ -413,14 +405,17 @@ def benchmark_mining(options):
     rows = []
     for name in ("partial", "full"):
         miner = mining.make_miner(name, dataset, negs_num, neg_samples_num)
-        with PeakResidentSet() as memory:
+        with PeakResidentSet() as batched_memory:
             np.random.seed(1)
-            plan = miner.plan(count)
+            start = time.perf_counter()
+            plan = miner.plan(count)  # the sampling, as the reference's timing holds its own
+            plan_seconds = time.perf_counter() - start
             # What the extraction hands to the mining (in train.py the cached features come in this order)
             cache = mining.FeatureCache(plan.cache_indexes, features[plan.cache_indexes], len(features))
             start = time.perf_counter()
             batched = miner.mine(plan, cache)
-            batched_seconds = time.perf_counter() - start
+            batched_seconds = plan_seconds + time.perf_counter() - start
+        with PeakResidentSet() as reference_memory:
             np.random.seed(1)
             start = time.perf_counter()
             if name == "partial":
@@ -434,9 +429,9 @@ def benchmark_mining(options):
         what = (f"{name} mining, {count} queries, {neg_samples_num} sampled database images, {dim}-d features, "
                 f"{negs_num} negatives")
         rows.append({"part": "mining", "what": f"{what}: batched", "seconds": batched_seconds,
-                     "peak_rss_mib": memory.peak_mib})
+                     "peak_rss_mib": batched_memory.peak_mib})
         rows.append({"part": "mining", "what": f"{what}: per query (same triplets)", "seconds": reference_seconds,
-                     "peak_rss_mib": memory.peak_mib, "speedup": reference_seconds / batched_seconds,
+                     "peak_rss_mib": reference_memory.peak_mib, "speedup": reference_seconds / batched_seconds,
                      "target": TARGETS["mining"]})
         print(f"{name} mining: batched {batched_seconds:.2f} s, per query {reference_seconds:.2f} s", flush=True)
     return rows
@@ -462,18 +457,6 @@ def judge(row):
     met = value >= row["target"] if "speedup" in row else value <= row["target"]
     target = f">= {row['target']:g}x" if "speedup" in row else f"<= {row['target']:.2f}"
     return dict(row, met="yes" if met else "no", target=target)
-
-
-def markdown_table(rows):
-    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        cells = []
-        for key, _, form in COLUMNS:
-            value = row.get(key)
-            cells.append("" if value is None else form.format(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def build_parser():
@@ -567,7 +550,7 @@ def main(argv=None):
         if "mining" not in options.skip:
             rows += benchmark_mining(options)
     rows = [judge(row) for row in rows]
-    table = markdown_table(rows)
+    table = markdown_table(rows, COLUMNS)
     print(table)
     report = {"rows": rows, "table": table, "arguments": vars(options), "total_seconds": time.perf_counter() - start,
               "machine": machine_description(device), "load_average": {"start": load_at_start,

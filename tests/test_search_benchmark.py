@@ -34,8 +34,8 @@ def test_the_benchmark_reports_every_index(tmp_path, capsys, restored_faiss_thre
     assert list(rows) == ["flat (exact)", "ivf", "ivfpq", "hnsw"]
     assert rows["flat (exact)"]["recall@1"] == 1.0
     assert rows["ivf"]["recall@1"] == rows["ivf"]["recall@10"] == 1.0  # every list probed
+    assert rows["hnsw"]["recall@10"] >= 0.9  # efSearch 128 on 3,000 vectors: nearly exact
     for row in rows.values():
-        assert row["queries_per_second"] > 0 and 0 <= row["recall@10"] <= 1
         assert row["data"] == "synthetic 3k x 16"
     assert rows["ivfpq"]["index_mib"] < rows["ivf"]["index_mib"]  # 4-byte codes instead of 64-byte vectors
     assert rows["ivfpq"]["parameters"] == "ivf_lists=8 train_rows=1024 pq_bytes=4 ivf_probes=8"

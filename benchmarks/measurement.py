@@ -1,4 +1,4 @@
-"""Peak resident memory of this process inside a `with` block, for the benchmarks."""
+"""What both benchmarks measure and report with: peak resident memory, the load, the Markdown table."""
 import os
 import threading
 
@@ -43,3 +43,18 @@ class PeakResidentSet:
     def growth_mib(self):
         """How far the peak rose above the resident size at the start of the block."""
         return (self.peak - self.start) / MIB
+
+
+def load_average():
+    """The system's load averages over 1, 5 and 15 minutes."""
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def markdown_table(rows, columns):
+    """rows: dicts; columns: (key, title, format) each. A row without a key (or with None) leaves the cell empty."""
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        cells = ["" if row.get(key) is None else form.format(row[key]) for key, _, form in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
