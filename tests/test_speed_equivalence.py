@@ -183,8 +183,10 @@ def _sharded_retrieval(rank, world_size, init_file, output_folder, test_method):
 def test_several_processes_retrieve_as_one(tmp_path, test_method):
     """Three processes (the last with fewer images) describe their shares; each gets the one-process result."""
     world_size = 3
+    # Spawned, not forked: a child forked after faiss' OpenMP threads ran in this process (the search benchmark's
+    # test) hangs in its first parallel region
     mp.start_processes(_sharded_retrieval, args=(world_size, str(tmp_path / "init"), str(tmp_path), test_method),
-                       nprocs=world_size, start_method="fork")
+                       nprocs=world_size, start_method="spawn")
     database_paths, queries_paths = gardens_paths()
     expected = vg_test.retrieve(retrieval_args(0), database_paths, queries_paths, small_model(), test_method)
     for rank in range(world_size):
@@ -311,8 +313,8 @@ def test_speed_benchmark_runs_and_writes_its_table(tmp_path):
     parts = [row["part"] for row in report["rows"]]
     assert parts.count("floor") == 3 and parts.count("layers") == 2 and parts.count("mining") == 4
     for row in report["rows"]:
-        if "speedup" in row:
-            assert row["met"] in ("yes", "no") and row["speedup"] > 0
+        if "speedup" in row:  # target ">= 10x": met when the speed-up reaches it
+            assert row["met"] == ("yes" if row["speedup"] >= float(row["target"][3:-1]) else "no"), row
     assert report["table"] in result.stdout and report["machine"]["device"] == "cpu"
 
 
