@@ -173,7 +173,7 @@ eval_run() {
 }
 
 # train_run LABEL FLAGS...: train (train.py tests the best model on the test split), then evaluate the best model
-# on each of --eval_datasets. Sets RUN_FOLDER to the training's run folder.
+# on each of --eval_datasets.
 train_run() {
     local label=$1 dataset training_folder
     shift
@@ -183,7 +183,6 @@ train_run() {
         run_script eval.py "$label/on_$dataset" "$@" --resume "$(model_of_run "$training_folder")" \
             --dataset_name "$dataset"
     done
-    RUN_FOLDER="$training_folder"
 }
 
 # For the studies that evaluate one trained model in several ways (test methods, PCA): MODEL_FLAGS holds the
@@ -195,10 +194,9 @@ reference_model() {
     if has_flag --resume; then
         return
     fi
-    local rows_num=${#SWEEP_RUNS[@]}
-    train_run reference
+    run_script train.py reference  # train.py alone: evaluations of the reference on --eval_datasets are no rows
     MODEL_FLAGS=(--resume "$(model_of_run "$RUN_FOLDER")")
-    SWEEP_RUNS=("${SWEEP_RUNS[@]:0:rows_num}")
+    unset "SWEEP_RUNS[-1]"
 }
 
 # gather_sweep [tools/gather_results.py flags]: the sweep's table (Markdown and CSV) and plot, in the sweep folder

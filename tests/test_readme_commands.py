@@ -27,6 +27,7 @@ import pytest
 
 import make_synthetic_dataset
 import parser as vg_parser
+import results
 from model import zoo
 from test_sweep_scripts import SWEEPS
 
@@ -285,10 +286,9 @@ class Workspace:
 
 
 def _result_value(stdout, key):
-    import json
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    lines = [line for line in stdout.splitlines() if line.startswith(results.RESULT_LINE_PREFIX)]
     assert lines, "no RESULT line"
-    return json.loads(lines[-1][len("RESULT "):])[key]
+    return results.parse_result_line(lines[-1])[key]
 
 
 def _asks_for_help(args):
