@@ -9,7 +9,9 @@ FAULT is one of:
   pause:NAME:N       the N-th write of NAME puts half of its bytes into the file being written, then writes
                      PAUSED_MARKER (holding that file's path) in the working folder and waits to be killed;
   pause_caching:N    the N-th computation of the mining's feature cache (mid-epoch when an epoch refreshes the
-                     cache more than once) writes PAUSED_MARKER and waits to be killed.
+                     cache more than once) writes PAUSED_MARKER and waits to be killed;
+  read_only:FOLDER   FOLDER (relative to the working folder) answers as on a read-only file system, where even
+                     root may not write: os.access(FOLDER, W_OK) is False.
 """
 import errno
 import io
@@ -77,6 +79,18 @@ def pause_caching(count):
     mining.FeatureExtractor.__call__ = call
 
 
+def read_only(folder):
+    read_only_folder = os.path.abspath(folder)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and os.path.abspath(path) == read_only_folder:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    os.access = access
+
+
 def main():
     fault, script, *flags = sys.argv[1:]
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python SCRIPT` would have it
@@ -85,6 +99,8 @@ def main():
         break_checkpoint_writes(kind, values[0], int(values[1]))
     elif kind == "pause_caching":
         pause_caching(int(values[0]))
+    elif kind == "read_only":
+        read_only(values[0])
     else:
         sys.exit(f"unknown fault {fault}")
     sys.argv = [script, *flags]
