@@ -32,7 +32,6 @@ import util
 from commons import UserInputError
 
 LOGS_FOLDER = "logs"
-# Model-zoo checkpoints named by --resume are downloaded here once
 # Inside the run folder: the descriptors of the large-scale path when --descriptors_folder is not given
 RUN_DESCRIPTORS_FOLDER = "descriptors"
 PCA_FILENAME = "pca.npz"
@@ -125,8 +124,7 @@ def main():
     else:
         commons.setup_worker_logging(world.rank)
     commons.make_deterministic(args.seed)
-    allocator_tuned = memory_allocator.keep_freed_memory()
-    logging.debug(f"Freed memory kept for reuse by the process (memory_allocator.py): {allocator_tuned}")
+    memory_allocator.keep_freed_memory()
     logging.info(commons.describe_run_folder(output_folder))
     descriptors_folder = descriptors_folder_of(args, output_folder, world)
 

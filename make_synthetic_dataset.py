@@ -13,8 +13,9 @@ Queries keep the database's light and colours, so that a few minutes of training
 CPU (the demo) learn something that holds on a street never seen in training: what identifies a place across
 a change of viewpoint. Measured with ResNet-18 conv4 from random weights, 600 triplets at 96x128, on a test
 street of 400 database images and 300 queries (chance R@1 about 5 %): test R@1 went from 24-34 untrained to
-44-52 trained; the demo's 1,200 triplets (NetVLAD, 16 clusters) take its test street from R@1 35 to 73. Giving each query another light and colour (exposure, contrast, saturation, white balance,
-gamma), or all of them a dusk light or a colour cast, left both the untrained and the trained model near
+44-52 trained; the demo's 1,200 triplets (NetVLAD, 16 clusters) take its test street from R@1 35 to 73.
+Giving each query another light and colour (exposure, contrast, saturation, white balance, gamma), or all of
+them a dusk light or a colour cast, left both the untrained and the trained model near
 chance on the test street, even after three times longer training: the layers that stay frozen (random)
 pass the colour change on, and what is trained did not learn to undo it, though it learned to recognise the
 training street's places. Halving those changes halved the gain.

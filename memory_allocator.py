@@ -11,6 +11,7 @@ The cost: memory that the process freed stays reserved by it (up to 2 GiB above 
 back to the system; it was in use at the process's peak anyway.
 """
 import ctypes
+import logging
 
 # mallopt parameters of glibc's malloc.h
 M_TRIM_THRESHOLD = -1
@@ -28,7 +29,10 @@ def keep_freed_memory():
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the C library this process already uses
     except (OSError, AttributeError, TypeError):
+        logging.debug("Freed memory is given back to the system: the C library has no mallopt")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    kept = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    logging.debug(f"Freed memory kept for reuse by the process (memory_allocator.py): {kept}")
+    return kept

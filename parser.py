@@ -124,7 +124,8 @@ def build_parser():
                        choices=["cuda", "cpu"], help="Device (cuda when available)")
     group.add_argument("--num_workers", type=int, default=default_num_workers(_default_device()),
                        help="Number of data-loading worker processes (by default from the core count: 8 at most "
-                            "with a GPU, one per 4 cores on the CPU, whose cores the model itself uses)")
+                            "with a GPU; on the CPU, whose cores the model itself uses, one per 4 cores, so none "
+                            "below 4)")
     group.add_argument("--quiet", action="store_true",
                        help="No progress bars, and only warnings and errors on the console (info.log and debug.log "
                             "still get everything); without it, bars are shown when stderr is a terminal")

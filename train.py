@@ -138,12 +138,6 @@ def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, marg
     return loss_sum.item(), batches_num, loss.item()
 
 
-def evaluate(args, eval_ds, model, test_method, world):
-    """Recalls on `eval_ds`; with several processes each describes its share of the images and rank 0 searches
-    (test.retrieve_sharded). Returns ({N: recall}, recalls string) on every process."""
-    return test.test(args, eval_ds, model, test_method, world=world)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The script
 
@@ -181,8 +175,7 @@ def run(args, world):
     logging.info(commons.describe_run_folder(output_folder))
     logging.info(f"Using {world.world_size} process(es) on {world.device.type}, {os.cpu_count()} CPUs")
     commons.make_deterministic(args.seed)
-    allocator_tuned = memory_allocator.keep_freed_memory()
-    logging.debug(f"Freed memory kept for reuse by the process (memory_allocator.py): {allocator_tuned}")
+    memory_allocator.keep_freed_memory()
     device = world.device
     amp_dtype = autocast_dtype(args.use_amp, device)
     if amp_dtype is not None:
@@ -307,7 +300,7 @@ def run(args, world):
 
         # Validation, best model, checkpoints (best first: a run killed in between resumes from the previous
         # last_model.pth, which never claims a best model that was not written)
-        recalls, recalls_str = evaluate(args, val_ds, raw_model, "hard_resize", world)
+        recalls, recalls_str = test.test(args, val_ds, raw_model, "hard_resize", world=world)
         logging.info(f"Recalls on val set {val_ds}: {recalls_str}")
         r5 = recalls[BEST_MODEL_RECALL]
         is_best = r5 > best_r5
@@ -351,8 +344,8 @@ def run(args, world):
         outcome = results.write_results(
             output_folder, args, raw_model, recalls_by_split,
             {"training_seconds": training_seconds, "test_seconds": time.perf_counter() - test_start,
-             "extraction_seconds": test_evaluation.extraction_seconds,
-             "search_seconds": test_evaluation.search_seconds, "total_seconds": (datetime.now() - start_time).total_seconds()},
+             "extraction_seconds": test_evaluation.extraction_seconds, "search_seconds": test_evaluation.search_seconds,
+             "total_seconds": (datetime.now() - start_time).total_seconds()},
             {"val": val_ds, "test": test_ds}, script="train.py", start_time=start_time,
             extra={"best_r5": best_r5, "epochs_num": epoch_num + 1, "refresh_timings": refresh_timings})
         results.print_result_line(outcome)

@@ -28,7 +28,8 @@ TRAIN_FLAGS = ["--aggregation", "netvlad", "--netvlad_clusters", "4", "--mining"
 EVAL_FLAGS = ["--aggregation", "gem", "--pca_dim", "4", "--pca_dataset_folder", f"{DATASET}/images/train/database",
               "--faiss_index", "hnsw", "--save_predictions", "3"]
 # What a finished bar ends with: "| 3/3 [00:01<00:00,  2.51it/s]" (count, time spent < time left, rate)
-FINISHED_BAR = r"[^\r\n]*100%\|[^\r\n]*\| (\d+)/\1 \[\d\d:\d\d<00:00, +[\d.]+(it|s|vectors|queries)/(s|it|vectors|queries)\]"
+FINISHED_BAR = (r"[^\r\n]*100%\|[^\r\n]*\| (\d+)/\1 \[\d\d:\d\d<00:00, "
+                r"+[\d.]+(it|s|vectors|queries)/(s|it|vectors|queries)\]")
 
 
 def test_a_bar_shows_the_rate_and_the_time_left(monkeypatch):

@@ -144,8 +144,9 @@ def test_killed_run_resumes_at_the_next_epoch_and_matches_an_uninterrupted_one(t
 # The demo's training (demo.sh) with GeM, on a dataset of the demo's sizes: 1,200 triplets
 UNSEEN = "train_tests_unseen_street"
 UNSEEN_FLAGS = ["--dataset_name", UNSEEN, "--pretrain", "none", "--backbone", "resnet18conv4", "--aggregation", "gem",
-                "--resize", "96", "128", "--device", "cpu", "--num_workers", "0", "--mining", "partial", "--lr", "0.001",
-                "--epochs_num", "12", "--patience", "4", "--queries_per_epoch", "100", "--cache_refresh_rate", "100",
+                "--resize", "96", "128", "--device", "cpu", "--num_workers", "0", "--mining", "partial",
+                "--lr", "0.001", "--epochs_num", "12", "--patience", "4", "--queries_per_epoch", "100",
+                "--cache_refresh_rate", "100",
                 "--neg_samples_num", "200", "--negs_num_per_query", "4", "--train_batch_size", "4",
                 "--save_dir", "transfers"]
 
