@@ -1,10 +1,13 @@
-"""Logging, run folders, seeding, the error type for bad user input, and the setup of several processes."""
+"""Logging, run folders, seeding, the error type for bad user input, atomic file writing, and the setup of several
+processes."""
 import atexit
+import errno
 import logging
 import os
 import random
 import sys
 import traceback
+import uuid
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -25,6 +28,55 @@ class UserInputError(Exception):
     Scripts catch it (see `exit_on_user_error`) and print it as one line instead of a traceback.
     """
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Files that are either complete or absent
+
+TEMPORARY_SUFFIX = ".partial"
+
+
+def temporary_path(path):
+    """A unique name beside `path` for the file being written: `<path>.<hex>.partial`."""
+    return f"{path}.{uuid.uuid4().hex}{TEMPORARY_SUFFIX}"
+
+
+def _fsync_folder(folder):
+    """Make a rename in `folder` durable (where the platform allows opening a folder)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_atomically(path, write):
+    """Call write(file) on a temporary binary file beside `path`, flush it to disk, then rename it to `path` (a
+    rename within a folder is atomic): readers, and a run killed meanwhile, see the previous file or the whole new
+    one. A full disk is a UserInputError that says the previous file is intact."""
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserInputError(f"No space left on the disk while writing {path}; the previous file there (if "
+                                 "any) is intact. Free some space and resume with --resume") from error
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run folders and logs
 
 def make_run_folder(logs_folder, save_dir, start_time=None):
     """Create and return `<logs_folder>/<save_dir>/<YYYY-MM-DD_HH-mm-ss>`, never reusing an existing folder.
@@ -140,12 +192,15 @@ def exit_on_user_error(main):
     try:
         return main()
     except UserInputError as error:
-        logging.getLogger("").debug("".join(traceback.format_exc()))
-        # Into the run's log files (if any) for the record; the console gets one line on stderr
+        # Into the run's log files (if any) for the record, the traceback into debug.log only; the console
+        # (stdout and stderr) gets one line on stderr
+        records = [(logging.DEBUG, "".join(traceback.format_exc())), (logging.ERROR, f"error: {error}")]
         for handler in logging.getLogger("").handlers:
             if isinstance(handler, logging.FileHandler):
-                handler.handle(logging.makeLogRecord({"msg": f"error: {error}", "levelno": logging.ERROR,
-                                                      "levelname": "ERROR"}))
+                for level, message in records:
+                    if level >= handler.level:
+                        handler.handle(logging.makeLogRecord({"msg": message, "levelno": level,
+                                                              "levelname": logging.getLevelName(level)}))
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 

@@ -207,12 +207,14 @@ class ImagesDataset(data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Data loaders
 
-def loader_options(num_workers, device):
-    """DataLoader keyword arguments shared by every loader: the workers, and pinned memory on CUDA only.
+def make_loader(dataset, batch_size, num_workers, device, **options):
+    """The DataLoader of every loop: `num_workers` workers, pinned memory on CUDA only (useless, and warned about,
+    without a GPU); `options` go to DataLoader (sampler, collate_fn, drop_last...).
 
     Workers keep the model's priority: niced workers (tried, so that they would only use the cores the model
     leaves idle) were starved by any other process on a shared machine, and the model then waited for them."""
-    return {"num_workers": num_workers, "pin_memory": torch.device(device).type == "cuda"}
+    return data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                           pin_memory=torch.device(device).type == "cuda", **options)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ class GeoDataset:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training: triplets of (query, best positive, negatives) images
+# Training transforms
 #
 # Unlike the evaluation above (normalise, then resize the tensor), training images are resized as PIL images
 # before ToTensor and normalisation, as in the original's training; queries get the augmentations first.
@@ -298,67 +300,9 @@ def query_training_transform(resize, brightness=0, contrast=0, saturation=0, hue
     return T.Compose(steps + [database_training_transform(resize)])
 
 
-class TripletsDataset(GeoDataset, data.Dataset):
-    """The training split: GeoDataset plus hard positives, and images of triplet groups.
-
-    Hard positives: database images within `hard_positives_dist_threshold` metres (--train_positives_dist_threshold).
-    Queries without any are removed (with their coordinates and soft positives), and their count logged.
-    Soft positives (within --val_positive_dist_threshold) are never used as negatives.
-
-    An item is fetched by a triplet row (query index, positive database index, negative database indexes...),
-    as the mining returns them (see mining.py): it gives the images [2 + negatives, 3, H, W] and the row.
-    `images_paths` (database, then the kept queries) is what the mining's cache indexes.
-    """
-
-    def __init__(self, datasets_folder, dataset_name, split="train", *, resize, hard_positives_dist_threshold=10,
-                 soft_positives_dist_threshold=25, query_transform=None):
-        super().__init__(datasets_folder, dataset_name, split, soft_positives_dist_threshold)
-        hard_positives = find_positives(self.database_utms, self.queries_utms, hard_positives_dist_threshold)
-        keep = np.array([len(p) > 0 for p in hard_positives], dtype=bool)
-        removed_num = int((~keep).sum())
-        if removed_num:
-            logging.info(f"There are {removed_num} queries without any positives within "
-                         f"{hard_positives_dist_threshold} m in the training set. They won't be considered as "
-                         "they're useless for training.")
-        if not keep.any():
-            raise UserInputError(f"No training query of {self.dataset_folder} has a database image within "
-                                 f"{hard_positives_dist_threshold} m (--train_positives_dist_threshold): raise the "
-                                 "threshold or check the coordinates in the file names")
-        self.hard_positives_per_query = [p for p, k in zip(hard_positives, keep) if k]
-        self.soft_positives_per_query = [p for p, k in zip(self.soft_positives_per_query, keep) if k]
-        self.queries_paths = [p for p, k in zip(self.queries_paths, keep) if k]
-        self.queries_utms = self.queries_utms[keep]
-        self.queries_num = len(self.queries_paths)
-        self.images_paths = self.database_paths + self.queries_paths
-        self.resize = list(resize)
-        self.query_transform = query_transform or query_training_transform(resize)
-        self.database_transform = database_training_transform(resize)
-
-    def __getitem__(self, triplet):
-        query_index, positive_index, *negative_indexes = (int(i) for i in triplet)
-        query = self.query_transform(open_image(self.queries_paths[query_index]))
-        others = [self.database_transform(open_image(self.database_paths[i]))
-                  for i in (positive_index, *negative_indexes)]
-        return torch.stack([query] + others), torch.as_tensor(np.asarray(triplet, dtype=np.int64))
-
-
-def triplets_collate_fn(batch):
-    """Stack B groups of images into [B * (2 + negatives), 3, H, W] (each group contiguous: query, positive,
-    negatives) and their rows into [B, 2 + negatives]."""
-    images = torch.cat([images for images, _ in batch])
-    triplets = torch.stack([triplet for _, triplet in batch])
-    return images, triplets
-
-
-def split_triplets_features(features, groups_num):
-    """Model outputs of a triplets batch [B * (2 + N), D] -> queries [B, D], positives [B, D], negatives [B, N, D]."""
-    features = features.view(groups_num, -1, features.shape[-1])
-    return features[:, 0], features[:, 1], features[:, 2:]
-
-
 class ListSampler(data.Sampler):
     """Yields the items of a list that can be replaced between passes, so that one DataLoader (and its
-    worker processes) serves every refresh of the cache."""
+    worker processes) serves every refresh of a training cache."""
 
     def __init__(self, items=()):
         self.items = list(items)
@@ -368,14 +312,3 @@ class ListSampler(data.Sampler):
 
     def __len__(self):
         return len(self.items)
-
-
-def process_share_of_batches(triplets, batch_size, rank, world_size):
-    """The triplet rows process `rank` trains on: of each batch of `batch_size` consecutive rows (an
-    incomplete last batch is dropped), its contiguous batch_size / world_size rows, as tuples."""
-    local_size = batch_size // world_size
-    rows = []
-    for start in range(0, len(triplets) - batch_size + 1, batch_size):
-        share = triplets[start + rank * local_size:start + (rank + 1) * local_size]
-        rows.extend(tuple(int(i) for i in row) for row in share)
-    return rows

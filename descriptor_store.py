@@ -15,14 +15,13 @@ import os
 
 import numpy as np
 
-from commons import UserInputError
+from commons import TEMPORARY_SUFFIX, UserInputError, write_atomically
 
 MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard_{:05d}.npy"
 FORMAT_VERSION = 1
 # --descriptors_dtype: float16 halves the disk and page-cache footprint; search always computes in float32
 DESCRIPTOR_DTYPES = {"float32": np.float32, "float16": np.float16}
-TEMPORARY_SUFFIX = ".incomplete"
 
 
 def sha256_of_strings(strings):
@@ -45,12 +44,7 @@ def sha256_of_arrays(named_arrays, prefix=""):
 
 
 def _write_json_atomically(path, content):
-    temporary = path + TEMPORARY_SUFFIX
-    with open(temporary, "w") as file:
-        json.dump(content, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, lambda file: file.write(json.dumps(content, indent=1).encode("utf-8")))
 
 
 def _read_manifest(folder):
@@ -108,13 +102,8 @@ class DescriptorShards:
         start, end = self.shard_range(shard)
         if len(descriptors) != end - start:
             raise ValueError(f"Shard {shard} holds rows [{start}, {end}), got {len(descriptors)} rows")
-        path = self.shard_path(shard)
-        temporary = path + TEMPORARY_SUFFIX
-        with open(temporary, "wb") as file:
-            np.save(file, np.asarray(descriptors, dtype=DESCRIPTOR_DTYPES[self.dtype]))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        write_atomically(self.shard_path(shard),
+                         lambda file: np.save(file, np.asarray(descriptors, dtype=DESCRIPTOR_DTYPES[self.dtype])))
 
     def shard(self, shard):
         """The rows of `shard` as a read-only memory map (stored dtype)."""
@@ -218,11 +207,9 @@ PCA_ARRAYS = ("components_", "mean_", "explained_variance_", "explained_variance
 def save_pca(path, pca, fingerprint):
     """Save a fitted scikit-learn PCA and the `fingerprint` (dict) of what it was fit with."""
     arrays = {name: getattr(pca, name) for name in PCA_ARRAYS}
-    temporary = path + TEMPORARY_SUFFIX
-    with open(temporary, "wb") as file:
-        np.savez(file, whiten=np.array(bool(pca.whiten)), noise_variance_=np.array(pca.noise_variance_),
-                 fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)), **arrays)
-    os.replace(temporary, path)
+    write_atomically(path, lambda file: np.savez(
+        file, whiten=np.array(bool(pca.whiten)), noise_variance_=np.array(pca.noise_variance_),
+        fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)), **arrays))
 
 
 def load_pca(path, fingerprint):

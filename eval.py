@@ -17,10 +17,13 @@ import logging
 import os
 from datetime import datetime, timedelta
 
+import checkpoint
 import commons
 import datasets_ws
 import descriptor_store
+import extraction
 import memory_allocator
+import metrics
 import network
 import parser
 import pca as vg_pca
@@ -38,10 +41,10 @@ PCA_FILENAME = "pca.npz"
 
 
 def load_resume(args, model):
-    """--resume: our checkpoints, the original's files and model-zoo names (downloaded once)."""
+    """--resume: our checkpoints, the original's files, released files of today's methods and model-zoo names
+    (downloaded once)."""
     path = util.resolve_resume(args.resume, network.WEIGHTS_FOLDER)
-    state_dict = util.load_state_dict_file(path, trusted=args.trust_checkpoint)
-    util.load_model_weights(model, state_dict, source=path)
+    network.load_checkpoint_weights(model, checkpoint.load_state_dict_file(path, trusted=args.trust_checkpoint), path)
     logging.info(f"Loaded the model weights from {path}")
 
 
@@ -88,7 +91,7 @@ def load_or_fit_pca(args, model, descriptors_folder, world):
     if descriptors_folder is None:
         return fit()
     path = os.path.join(descriptors_folder, PCA_FILENAME)
-    fingerprint = {"model_sha256": test.model_fingerprint(model), "pca_dim": args.pca_dim, "whiten": args.pca_whiten,
+    fingerprint = {"model_sha256": extraction.model_fingerprint(model), "pca_dim": args.pca_dim, "whiten": args.pca_whiten,
                    "pca_dataset_folder": os.path.abspath(os.path.join(args.datasets_folder,
                                                                       args.pca_dataset_folder)),
                    "seed": args.seed}
@@ -155,7 +158,7 @@ def main():
 
     if world.world_size > 1:
         logging.info(f"{world.world_size} processes extract the descriptors into {descriptors_folder}")
-        test.extract_descriptors(args, database_paths, queries_paths, model, args.test_method, pca,
+        extraction.extract_descriptors(args, database_paths, queries_paths, model, args.test_method, pca,
                                  descriptors_folder, world)
         if world.rank != 0:  # rank 0 searches what every process extracted
             commons.cleanup_distributed()
@@ -185,7 +188,7 @@ def main():
             predictions.save_predictions(
                 output_folder, queries_paths, database_paths, top_predictions, top_distances, args.seed,
                 test_ds.soft_positives_per_query,
-                test.positives_mask(top_predictions, test_ds.soft_positives_per_query),
+                metrics.positives_mask(top_predictions, test_ds.soft_positives_per_query),
                 test_ds.queries_utms, test_ds.database_utms)
     if writer is not None:
         writer.close()

@@ -3,7 +3,7 @@
 One refresh of the cache, as the original benchmark does it:
   1. `plan = miner.plan(queries_count)`: sample the queries (np.random.choice without replacement) and choose
      the database images whose features the mining needs;
-  2. the caller computes the features of `plan.cache_indexes` with the current model (`compute_features`);
+  2. the caller computes the features of `plan.cache_indexes` with the current model (`FeatureExtractor`);
   3. `triplets = miner.mine(plan, cache)`: [queries_count, 2 + negs_num_per_query] global indexes per row
      (query index, best positive database index, negative database indexes).
 
@@ -17,14 +17,13 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-import faiss
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import commons
 from commons import UserInputError
-from datasets_ws import ListSampler, loader_options
+from datasets_ws import ListSampler, make_loader
+from model.inference import forward_batches
 
 # Candidate columns whose distances are computed together for all the queries (see pairwise_distances)
 CANDIDATES_PER_BLOCK = 64
@@ -56,6 +55,7 @@ class FeatureCache:
 def pairwise_distances(features, query_rows, candidate_rows):
     """Squared L2 distances [Q, C] between features[query_rows[i]] and features[candidate_rows[i, j]], as faiss
     computes each pair in an exact search; candidates -1 (padding) get +inf. One call for all the queries."""
+    import faiss  # imported here: parsing the flags (which lists the mining methods) needs no faiss
     query_rows = np.asarray(query_rows, dtype=np.int64)
     candidate_rows = np.ascontiguousarray(candidate_rows, dtype=np.int64)
     queries = np.ascontiguousarray(features[query_rows], dtype=np.float32)
@@ -327,8 +327,8 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.world = world
         self.autocast_dtype = autocast_dtype
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                 persistent_workers=num_workers > 0, **loader_options(num_workers, self.device))
+        self.loader = make_loader(dataset, batch_size, num_workers, self.device, sampler=self.sampler,
+                                  persistent_workers=num_workers > 0)
 
     def __call__(self, model, indexes, features_dim, description="Caching"):
         indexes = np.asarray(indexes, dtype=np.int64)
@@ -338,13 +338,12 @@ class FeatureExtractor:
         local = np.empty((end - start, features_dim), dtype=np.float32)
         was_training = model.training
         model.eval()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                             enabled=self.autocast_dtype is not None):
-            done = 0
-            for images, batch_indexes in commons.progress_bar(self.loader, description):
-                # The sampler yields in order, so each batch fills the next rows
-                local[done:done + len(batch_indexes)] = model(images.to(self.device, non_blocking=True)).float().cpu()
-                done += len(batch_indexes)
+        done = 0
+        for outputs, batch_indexes in forward_batches(model, self.loader, self.device, self.autocast_dtype,
+                                                      description):
+            # The sampler yields in order, so each batch fills the next rows
+            local[done:done + len(batch_indexes)] = outputs.float().cpu()
+            done += len(batch_indexes)
         model.train(was_training)
         if world_size == 1:
             return local

@@ -11,13 +11,13 @@ import sys
 import torch
 
 from descriptor_store import DESCRIPTOR_DTYPES
-from mining import MINING_METHODS
-from model.aggregation import AGGREGATIONS
+from indexes import DEFAULT_MAX_RAM_GB, FAISS_INDEXES, IndexParams
+from model.aggregations import AGGREGATIONS
 from model.backbones import BACKBONES
-from model.losses import LOSSES
-from network import compatibility_error, off_the_shelf_error, resize_error
-from search import DEFAULT_MAX_RAM_GB, FAISS_INDEXES, IndexParams
-from test import TEST_METHODS
+from model.parts import option_values
+from network import compatibility_error, off_the_shelf_error, options_error, pretrain_error, resize_error
+from recipes import RECIPES
+from test_methods import TEST_METHODS
 from util import OFF_THE_SHELF_MODELS, PRETRAININGS
 
 REPO_FOLDER = os.path.dirname(os.path.abspath(__file__))
@@ -61,31 +61,20 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     group = parser.add_argument_group("training")
+    group.add_argument("--recipe", type=str, default="triplets", choices=list(RECIPES),
+                       help="How to train: triplets is the original's (hard negatives mined over a feature cache)")
     group.add_argument("--train_batch_size", type=int, default=4,
                        help="Number of triplet groups (query, positive, negatives) in a batch; each group holds "
                             "2 + negs_num_per_query images")
     group.add_argument("--infer_batch_size", type=int, default=16,
                        help="Batch size for inference (caching and testing)")
-    group.add_argument("--criterion", type=str, default="triplet", choices=list(LOSSES),
-                       help="Loss to be used")
-    group.add_argument("--margin", type=float, default=0.1, help="Margin of the triplet loss")
     group.add_argument("--epochs_num", type=int, default=1000, help="Maximum number of epochs to train for")
     group.add_argument("--patience", type=int, default=3,
                        help="Stop after this many epochs without improvement of the validation R@5")
     group.add_argument("--lr", type=float, default=0.00001, help="Learning rate")
-    group.add_argument("--lr_crn_layer", type=float, default=5e-3, help="Learning rate of the CRN layer")
-    group.add_argument("--lr_crn_net", type=float, default=5e-4,
-                       help="Learning rate of the rest of the network when training CRN")
     group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer")
-    group.add_argument("--cache_refresh_rate", type=int, default=1000,
-                       help="Number of queries after which the feature cache is recomputed")
     group.add_argument("--queries_per_epoch", type=int, default=5000,
                        help="Number of queries per epoch; must be a multiple of cache_refresh_rate")
-    group.add_argument("--negs_num_per_query", type=int, default=10, help="Number of negatives per query")
-    group.add_argument("--neg_samples_num", type=int, default=1000,
-                       help="Number of database images sampled to mine negatives from")
-    group.add_argument("--mining", type=str, default="partial", choices=list(MINING_METHODS),
-                       help="Hard-negative mining method")
 
     group = parser.add_argument_group("model")
     group.add_argument("--backbone", type=_with_aliases(BACKBONE_ALIASES), default="resnet18conv4",
@@ -96,7 +85,6 @@ def build_parser():
                        help="Where to L2-normalise with the shallow poolings (gem, spoc, mac, rmac)")
     group.add_argument("--aggregation", type=str, default="netvlad", choices=list(AGGREGATIONS),
                        help="Aggregation (pooling) layer")
-    group.add_argument("--netvlad_clusters", type=int, default=64, help="Number of clusters of NetVLAD / CRN")
     group.add_argument("--pca_dim", type=int, default=None,
                        help="PCA dimension applied to descriptors at test time (needs --pca_dataset_folder)")
     group.add_argument("--fc_output_dim", type=int, default=None,
@@ -106,10 +94,6 @@ def build_parser():
     group.add_argument("--off_the_shelf", type=str, default="imagenet", choices=list(OFF_THE_SHELF_MODELS),
                        help="Off-the-shelf landmark-retrieval weights to evaluate (needs ResNet-50/101 conv5 + "
                             "GeM + --fc_output_dim 2048); 'imagenet' means none")
-    group.add_argument("--trunc_te", type=int, default=None, choices=list(range(0, 14)),
-                       help="Keep only the first N transformer encoder layers (cct384, vit)")
-    group.add_argument("--freeze_te", type=int, default=None, choices=list(range(-1, 14)),
-                       help="Freeze the transformer encoder layers up to N (cct384, vit)")
 
     group = parser.add_argument_group("initialization")
     group.add_argument("--seed", type=int, default=0, help="Seed of every random generator")
@@ -218,15 +202,73 @@ def build_parser():
                             f"searched in chunks (default with another large-scale flag: {DEFAULT_MAX_RAM_GB})")
     group.add_argument("--pca_whiten", action="store_true",
                        help="Whiten the PCA-reduced descriptors (divide each component by its standard deviation)")
+
+    for axis, registry in (("recipe", RECIPES), ("backbone", BACKBONES), ("aggregation", AGGREGATIONS)):
+        add_part_options(parser, axis, registry)
     return parser
 
 
-POSITIVE_INT_FLAGS = ("train_batch_size", "infer_batch_size", "epochs_num", "patience", "cache_refresh_rate",
-                      "queries_per_epoch", "negs_num_per_query", "neg_samples_num", "netvlad_clusters",
+def _declarations(registry):
+    """{flag name: [(entry name, Option), ...]} over a registry's entries, in order."""
+    declared = {}
+    for name, entry in registry.items():
+        for option in entry.options:
+            declared.setdefault(option.name, []).append((name, option))
+    return declared
+
+
+def add_part_options(parser, axis, registry):
+    """Each option the parts of a registry declare, once, in a group titled by the parts that use it (so --help
+    shows it under their names). Shared flags whose defaults differ default to None: the chosen part's default
+    is filled in after parsing (`fill_part_defaults`)."""
+    groups = {}
+    for flag, declarations in _declarations(registry).items():
+        names = tuple(name for name, _ in declarations)
+        title = f"--{axis} {', '.join(names)}"
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        option = declarations[0][1]
+        defaults = {repr(declared.default) for _, declared in declarations}
+        help_text = option.help
+        if len(defaults) > 1:
+            help_text += " (default: " + ", ".join(f"{declared.default} with {name}"
+                                                   for name, declared in declarations) + ")"
+        groups[title].add_argument(f"--{flag}", type=option.type, default=option.default if len(defaults) == 1 else None,
+                                   help=help_text, choices=option.choices, nargs=option.nargs, metavar=option.metavar)
+
+
+def _chosen_parts(args):
+    return ((RECIPES, args.recipe), (BACKBONES, args.backbone), (AGGREGATIONS, args.aggregation))
+
+
+def fill_part_defaults(args):
+    """Flags left at None take the default that the chosen recipe, backbone or aggregation declares."""
+    for registry, name in _chosen_parts(args):
+        for flag, value in option_values(registry[name].options, args).items():
+            if getattr(args, flag, None) is None:
+                setattr(args, flag, value)
+
+
+def _check_part_options(parser, args):
+    """Every declared option's minimum; the chosen parts' own checks."""
+    for registry in (RECIPES, BACKBONES, AGGREGATIONS):
+        for flag, declarations in _declarations(registry).items():
+            minimum = declarations[0][1].minimum
+            value = getattr(args, flag)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if minimum is not None and any(v is not None and v < minimum for v in values):
+                kind = "a positive integer" if minimum == 1 else f"at least {minimum}"
+                parser.error(f"--{flag} must be {kind}, got {' '.join(map(str, values))}")
+    recipe = RECIPES[args.recipe]
+    for error in (recipe.check(args) if recipe.check else None, options_error(args)):
+        if error:
+            parser.error(error)
+
+
+POSITIVE_INT_FLAGS = ("train_batch_size", "infer_batch_size", "epochs_num", "patience", "queries_per_epoch",
                       "val_positive_dist_threshold", "train_positives_dist_threshold")
 OPTIONAL_POSITIVE_INT_FLAGS = ("pca_dim", "fc_output_dim")
-NON_NEGATIVE_FLAGS = ("margin", "lr_crn_layer", "lr_crn_net", "num_workers", "brightness", "contrast",
-                      "saturation", "random_rotation")
+NON_NEGATIVE_FLAGS = ("num_workers", "brightness", "contrast", "saturation", "random_rotation")
 
 
 def _check_values(parser, args):
@@ -259,20 +301,12 @@ def _check_combinations(parser, args):
     """The original's cross-flag checks, as errors that say how to fix the command."""
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
-    if args.aggregation == "crn" and args.resume is None:
-        parser.error("CRN must start from a trained NetVLAD: pass --resume with a NetVLAD (or CRN) checkpoint of "
-                     "the same backbone")
-    if args.queries_per_epoch % args.cache_refresh_rate != 0:
-        parser.error(f"--queries_per_epoch ({args.queries_per_epoch}) must be a multiple of --cache_refresh_rate "
-                     f"({args.cache_refresh_rate}): change one of them")
-    if args.mining == "msls_weighted" and args.dataset_name != "msls":
-        parser.error(f"--mining msls_weighted needs the msls dataset (it reads MSLS file-name notes), but "
-                     f"--dataset_name is {args.dataset_name}: use another --mining")
     if args.pca_dim is not None and args.pca_dataset_folder is None:
         parser.error("--pca_dim needs --pca_dataset_folder, the images to fit PCA on (e.g. pitts30k/images/train)")
-    for error in (off_the_shelf_error(args.off_the_shelf, args.backbone, args.aggregation, args.fc_output_dim),
-                  resize_error(args.backbone, args.resize),
-                  compatibility_error(args.backbone, args.aggregation)):
+    for error in (compatibility_error(args.backbone, args.aggregation),
+                  off_the_shelf_error(args.off_the_shelf, args.backbone, args.aggregation, args.fc_output_dim),
+                  resize_error(args.backbone, args.resize, args.aggregation),
+                  pretrain_error(args.backbone, args.pretrain)):
         if error:
             parser.error(error)
 
@@ -338,7 +372,9 @@ def parse_arguments(argv=None, require_dataset=True):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(_split_multi_value_equals(parser, argv))
+    fill_part_defaults(args)
     _check_values(parser, args)
+    _check_part_options(parser, args)
     _check_combinations(parser, args)
     _check_evaluation_outputs(parser, args)
     _check_large_scale(parser, args)

@@ -6,10 +6,9 @@ from collections import defaultdict
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import DataLoader
 
 import datasets_ws
-import test as vg_test
+import extraction
 from commons import UserInputError
 
 PCA_MAX_IMAGES = 2 ** 14
@@ -76,10 +75,10 @@ def compute_pca(args, model, pca_dataset_folder=None):
     descriptor_size = getattr(model, "features_dim", None)
     check_pca_dim(args.pca_dim, len(paths), descriptor_size if descriptor_size is not None else args.pca_dim)
     logging.info(f"Fitting PCA ({args.pca_dim} components) on the descriptors of {len(paths)} images")
-    loader = DataLoader(datasets_ws.ImagesDataset(paths), num_workers=args.num_workers,
-                        batch_sampler=batches_of_equal_size(paths, args.infer_batch_size),
-                        pin_memory=vg_test.pin_memory(args.device))
+    # batch_size 1: each batch is one of batches_of_equal_size's
+    loader = datasets_ws.make_loader(datasets_ws.ImagesDataset(paths), 1, args.num_workers, args.device,
+                                     batch_sampler=batches_of_equal_size(paths, args.infer_batch_size))
     model = model.eval()
-    descriptors = vg_test.collect_descriptors(
-        vg_test.descriptor_batches(model, loader, args.device, description="PCA"), len(paths))
+    descriptors = extraction.collect_descriptors(
+        extraction.descriptor_batches(model, loader, args.device, description="PCA"), len(paths))
     return fit_pca(descriptors, args.pca_dim)

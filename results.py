@@ -12,7 +12,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from datetime import datetime
 
 RESULTS_FILENAME = "results.json"
@@ -102,18 +101,9 @@ def build_results(args, recalls_by_split, timings, datasets, descriptor_size, fl
 
 
 def write_json_atomically(path, data):
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary_path = tempfile.mkstemp(prefix=".results.", suffix=".json.partial", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(data, file, indent=2)
-            file.write("\n")
-        os.replace(temporary_path, path)
-    except BaseException:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        raise
+    """Readers never see half a file (commons.write_atomically)."""
+    from commons import write_atomically  # imported here: reading results (tools/gather_results.py) needs no torch
+    write_atomically(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
 
 
 def flops_and_params(model, resize, device):
@@ -127,13 +117,14 @@ def flops_and_params(model, resize, device):
 
 
 def write_results(output_folder, args, model, recalls_by_split, timings, datasets, descriptor_size=None,
-                  script=None, start_time=None, extra=None):
-    """Measure FLOPs and parameters of `model` at args.resize, write <output_folder>/results.json, return it.
+                  script=None, start_time=None, extra=None, flops_and_params_measured=None):
+    """Measure FLOPs and parameters of `model` at args.resize (unless the caller measured them already:
+    `flops_and_params_measured`), write <output_folder>/results.json, return it.
 
     descriptor_size defaults to model.features_dim (pass args.pca_dim when PCA reduced the descriptors).
     See build_results for the other arguments.
     """
-    flops, params = flops_and_params(model, args.resize, args.device)
+    flops, params = flops_and_params_measured or flops_and_params(model, args.resize, args.device)
     if descriptor_size is None:
         descriptor_size = getattr(model, "features_dim", None)
     results = build_results(args, recalls_by_split, timings, datasets, descriptor_size, flops, params,

@@ -31,6 +31,8 @@ sys.path.insert(0, REPO_FOLDER)
 
 import descriptor_store  # noqa: E402
 import search  # noqa: E402
+import extraction
+import metrics
 from commons import UserInputError  # noqa: E402
 from measurement import MIB, PeakResidentSet, load_average, markdown_table  # noqa: E402
 
@@ -64,7 +66,7 @@ def clustered_store(folder, rows, dim, clusters, intrinsic_dim, spread, seed, sa
 
 def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
     """The test split of a freshly generated synthetic dataset, described by a random-weight ResNet-18 (conv4) +
-    GeM model through test.extract_descriptors. Returns (database shards, queries shards, dataset)."""
+    GeM model through extraction.extract_descriptors. Returns (database shards, queries shards, dataset)."""
     import commons
     import datasets_ws
     import make_synthetic_dataset
@@ -83,7 +85,7 @@ def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
     dataset = datasets_ws.GeoDataset(datasets_folder, "synthetic", "test", args.val_positive_dist_threshold)
     commons.make_deterministic(args.seed)  # the same random weights in every run
     model = network.build_model(args).eval()
-    database, queries = vg_test.extract_descriptors(args, dataset.database_paths, dataset.queries_paths, model,
+    database, queries = extraction.extract_descriptors(args, dataset.database_paths, dataset.queries_paths, model,
                                                     descriptors_folder=os.path.join(work_folder, "real"))
     return database, queries, dataset
 
@@ -154,7 +156,7 @@ def benchmark(data_name, database, queries, index_params, max_ram_gb, work_folde
 
 def geographic_recalls(predictions, dataset):
     import test as vg_test
-    recalls = vg_test.compute_recalls(predictions, dataset.soft_positives_per_query, [1, 5])
+    recalls = metrics.compute_recalls(predictions, dataset.soft_positives_per_query, [1, 5])
     return {"geo_R@1": float(recalls[0]), "geo_R@5": float(recalls[1])}
 
 

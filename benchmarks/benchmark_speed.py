@@ -370,7 +370,7 @@ def median_seconds(function, repeats):
 
 def benchmark_netvlad(resize, batch_size, repeats):
     """On the CPU whatever the device: the loop of the tests builds its tensors there."""
-    from model.aggregation import NetVLAD
+    from model.aggregations.netvlad import NetVLAD
     reference = import_test_module("test_models").reference_netvlad_forward
     torch.manual_seed(0)
     dim = 256  # channels of ResNet-18 conv4, whose map is 1/16 of the image

@@ -8,6 +8,7 @@ test checks one.
 """
 import argparse
 import concurrent.futures
+import glob
 import os
 import re
 import shutil
@@ -445,13 +446,22 @@ def test_the_table_has_at_least_25_rows_with_unique_names():
     assert len(names) == len(set(names)) and len([row for row in BAD_INPUTS if row.status != 0]) >= 25
 
 
+def _read(path):
+    with open(path) as file:
+        return file.read()
+
+
 @pytest.mark.parametrize("row", BAD_INPUTS, ids=[row.name for row in BAD_INPUTS])
 def test_bad_input(row, outcomes):
     folder, completed = outcomes[row.name]
     report = (f"exit status {completed.returncode}\nstdout:\n{completed.stdout[-3000:]}\n"
               f"stderr:\n{completed.stderr[-3000:]}")
     assert completed.returncode == row.status, report
-    assert "Traceback" not in completed.stderr, report
+    # What the user sees is stdout and stderr together: no traceback in either; it belongs in debug.log
+    assert "Traceback" not in completed.stderr and "Traceback" not in completed.stdout, report
+    if row.status == 1:
+        for debug_log in glob.glob(os.path.join(folder, "logs", "*", "*", "debug.log")):
+            assert "Traceback" in _read(debug_log), debug_log
     if row.status == 0:
         assert re.search(row.message, completed.stdout), report
     else:

@@ -27,7 +27,9 @@ def _trained_model_and_optimizer(steps=3):
 def _state(model, optimizer, epoch_num=4):
     return checkpoint.training_state(model=model, optimizer=optimizer, epoch_num=epoch_num, best_r5=55.5,
                                      not_improved_num=1, recalls={1: 40.0, 5: 55.5}, optim="adam",
-                                     mining="full", mining_state={"neg_cache": torch.arange(6).view(2, 3)})
+                                     recipe="triplets",
+                                     recipe_state={"mining": "full",
+                                                   "mining_state": {"neg_cache": torch.arange(6).view(2, 3)}})
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -37,7 +39,7 @@ def test_round_trip_with_weights_only(tmp_path):
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     assert loaded["epoch_num"] == 4 and loaded["best_r5"] == 55.5 and loaded["not_improved_num"] == 1
     assert loaded["recalls"] == {1: 40.0, 5: 55.5} and loaded["optim"] == "adam"
-    assert loaded["mining_state"]["neg_cache"].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert loaded["recipe_state"]["mining_state"]["neg_cache"].tolist() == [[0, 1, 2], [3, 4, 5]]
     assert not any(key.startswith("module.") for key in loaded["model_state_dict"])
 
     fresh_model, fresh_optimizer = _trained_model_and_optimizer(steps=0)

@@ -9,6 +9,7 @@ import torch
 
 import network
 import util
+import checkpoint
 
 ORIGINAL_KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "seed_state_dict_keys.json")
 
@@ -81,7 +82,7 @@ def test_original_checkpoint_layouts_load(tmp_path, small_model, layout):
     path = str(tmp_path / "best_model.pth")
     torch.save(content, path)
     model = network.make_model("resnet18conv4", "gem", pretrain="none", fc_output_dim=8)
-    util.load_model_weights(model, util.load_state_dict_file(path))
+    checkpoint.load_model_weights(model, checkpoint.load_state_dict_file(path))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state_dict[key])
 
@@ -89,11 +90,11 @@ def test_original_checkpoint_layouts_load(tmp_path, small_model, layout):
 def test_a_mismatching_checkpoint_names_the_first_layer_and_both_shapes(small_model):
     other = network.make_model("resnet18conv4", "gem", pretrain="none", fc_output_dim=16)
     with pytest.raises(util.CheckpointError) as error:
-        util.load_model_weights(other, small_model.state_dict(), source="best_model.pth")
+        checkpoint.load_model_weights(other, small_model.state_dict(), source="best_model.pth")
     assert "aggregation.1.weight is [8, 256] in the checkpoint, [16, 256] in the model" in str(error.value)
     conv5 = network.make_model("resnet18conv5", "gem", pretrain="none", fc_output_dim=8)
     with pytest.raises(util.CheckpointError) as error:
-        util.load_model_weights(small_model, conv5.state_dict())
+        checkpoint.load_model_weights(small_model, conv5.state_dict())
     message = str(error.value)
     assert "keys of the checkpoint are not in the model, the first: backbone.7.0.conv1.weight" in message
     assert "use a ...conv5 --backbone" in message
@@ -103,7 +104,7 @@ def test_cct_checkpoint_with_fewer_encoders_suggests_trunc_te():
     with torch.device("meta"):
         full = network.make_model("cct384", "seqpool", pretrain="none", resize=(384, 384))
         cut = network.make_model("cct384", "seqpool", pretrain="none", resize=(384, 384), trunc_te=8)
-    message = util.describe_state_dict_mismatch(full.state_dict(), cut.state_dict())
+    message = checkpoint.describe_state_dict_mismatch(full.state_dict(), cut.state_dict())
     assert "use --trunc_te 8" in message
 
 
@@ -118,34 +119,34 @@ def test_files_that_need_code_to_unpickle_are_refused_unless_trusted(tmp_path, s
     path = str(tmp_path / "model.pth")
     torch.save({"model_state_dict": small_model.state_dict(), "extra": Payload()}, path)
     with pytest.raises(util.CheckpointError) as error:
-        util.load_state_dict_file(path)
+        checkpoint.load_state_dict_file(path)
     message = str(error.value)
     assert "arbitrary code" in message and "--trust_checkpoint" in message and "Payload" in message
-    state_dict = util.load_state_dict_file(path, trusted=True)
+    state_dict = checkpoint.load_state_dict_file(path, trusted=True)
     assert list(state_dict) == list(small_model.state_dict())
 
 
 def test_missing_truncated_and_foreign_files_are_clear_errors(tmp_path, small_model):
     with pytest.raises(util.CheckpointError, match="does not exist"):
-        util.load_state_dict_file(str(tmp_path / "nothing.pth"))
+        checkpoint.load_state_dict_file(str(tmp_path / "nothing.pth"))
     empty = tmp_path / "empty.pth"
     empty.write_bytes(b"")
     with pytest.raises(util.CheckpointError, match="is empty"):
-        util.load_state_dict_file(str(empty))
+        checkpoint.load_state_dict_file(str(empty))
     whole = tmp_path / "whole.pth"
     torch.save(small_model.state_dict(), str(whole))
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     with pytest.raises(util.CheckpointError, match="truncated, corrupted or not a checkpoint"):
-        util.load_state_dict_file(str(truncated))
+        checkpoint.load_state_dict_file(str(truncated))
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
     with pytest.raises(util.CheckpointError, match="truncated, corrupted or not a checkpoint"):
-        util.load_state_dict_file(str(text))
+        checkpoint.load_state_dict_file(str(text))
     not_weights = tmp_path / "numbers.pth"
     torch.save({"epoch": 3}, str(not_weights))
     with pytest.raises(util.CheckpointError, match="does not hold a model state dict"):
-        util.load_state_dict_file(str(not_weights))
+        checkpoint.load_state_dict_file(str(not_weights))
 
 
 def test_legacy_torch_files_load_and_unusual_pickles_need_trust(tmp_path):
@@ -153,8 +154,8 @@ def test_legacy_torch_files_load_and_unusual_pickles_need_trust(tmp_path):
     instructions weights_only loading does not read, so only --trust_checkpoint loads it."""
     path = str(tmp_path / "legacy.pth")
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    assert torch.equal(util.load_state_dict_file(path)["w"], torch.ones(2))
+    assert torch.equal(checkpoint.load_state_dict_file(path)["w"], torch.ones(2))
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
     with pytest.raises(util.CheckpointError, match="not a checkpoint"):
-        util.load_state_dict_file(path)
-    assert torch.equal(util.load_state_dict_file(path, trusted=True)["w"], torch.ones(2))
+        checkpoint.load_state_dict_file(path)
+    assert torch.equal(checkpoint.load_state_dict_file(path, trusted=True)["w"], torch.ones(2))

@@ -15,6 +15,8 @@ from PIL import Image
 import descriptor_store
 import search
 import test as vg_test
+import extraction
+import test_methods
 from commons import UserInputError
 
 RESIZE = [16, 20]
@@ -60,15 +62,15 @@ def images(tmp_path_factory):
 
 
 def in_memory(model, paths, method, batch_size=BATCH, pca=None):
-    loader = vg_test.make_loader(paths, method.query_transform, RESIZE, batch_size, 0, "cpu")
-    return vg_test.collect_descriptors(vg_test.descriptor_batches(model, loader, "cpu", method.mean_of_crops, pca),
+    loader = extraction.images_loader(paths, method.query_transform, RESIZE, batch_size, 0, "cpu")
+    return extraction.collect_descriptors(extraction.descriptor_batches(model, loader, "cpu", method.mean_of_crops, pca),
                                        len(paths))
 
 
 def stream(model, paths, folder, method, shard_rows=8, dtype="float32", fingerprint=None, on_descriptors=None,
            batch_size=BATCH, pca=None):
-    fingerprint = fingerprint or {"model_sha256": vg_test.model_fingerprint(model)}
-    return vg_test.store_descriptors(model, paths, str(folder), fingerprint, method.query_transform, RESIZE,
+    fingerprint = fingerprint or {"model_sha256": extraction.model_fingerprint(model)}
+    return extraction.store_descriptors(model, paths, str(folder), fingerprint, method.query_transform, RESIZE,
                                      batch_size, 0, "cpu", method.mean_of_crops, pca, dtype, shard_rows=shard_rows,
                                      on_descriptors=on_descriptors, description="test")
 
@@ -78,7 +80,7 @@ def stream(model, paths, folder, method, shard_rows=8, dtype="float32", fingerpr
 def test_streamed_extraction_equals_in_memory_extraction_bit_for_bit(images, tmp_path, test_method):
     database, queries = images
     model = TinyNet().eval()
-    method = vg_test.get_test_method(test_method)
+    method = test_methods.get_test_method(test_method)
     paths = database if test_method == "hard_resize" else queries
     batch_size = 1 if method.one_query_per_batch else BATCH
     expected = in_memory(model, paths, method, batch_size)
@@ -94,7 +96,7 @@ def test_streamed_extraction_equals_in_memory_extraction_bit_for_bit(images, tmp
 def test_an_interrupted_extraction_resumes_where_it_stopped_and_equals_an_uninterrupted_one(images, tmp_path):
     database, _ = images
     model = TinyNet().eval()
-    method = vg_test.get_test_method("hard_resize")
+    method = test_methods.get_test_method("hard_resize")
     uninterrupted = stream(model, database, tmp_path / "once", method).read_all()
 
     batches_seen = []
@@ -135,11 +137,11 @@ def test_an_interrupted_extraction_resumes_where_it_stopped_and_equals_an_uninte
 
 def test_a_folder_made_by_another_model_or_dataset_is_refused(images, tmp_path):
     database, queries = images
-    method = vg_test.get_test_method("hard_resize")
+    method = test_methods.get_test_method("hard_resize")
     model = TinyNet()
 
     def fingerprint(model, paths):
-        return {"model_sha256": vg_test.model_fingerprint(model),
+        return {"model_sha256": extraction.model_fingerprint(model),
                 "paths_sha256": descriptor_store.sha256_of_strings(paths)}
     stream(model, database, tmp_path, method, fingerprint=fingerprint(model, database))
     other_model = TinyNet(seed=1)
@@ -155,19 +157,19 @@ def test_a_folder_made_by_another_model_or_dataset_is_refused(images, tmp_path):
 def test_the_model_fingerprint_sees_weights_and_structure():
     model = TinyNet()
     same = TinyNet()
-    assert vg_test.model_fingerprint(model) == vg_test.model_fingerprint(same)
+    assert extraction.model_fingerprint(model) == extraction.model_fingerprint(same)
     with torch.no_grad():
         same.conv.bias[0] += 1e-7
-    assert vg_test.model_fingerprint(model) != vg_test.model_fingerprint(same)
+    assert extraction.model_fingerprint(model) != extraction.model_fingerprint(same)
     # Same weights, another layer around them (as --l2 before_pool / after_pool do)
     wrapped = torch.nn.Sequential(torch.nn.Identity(), model)
-    assert vg_test.model_fingerprint(wrapped) != vg_test.model_fingerprint(torch.nn.Sequential(model))
+    assert extraction.model_fingerprint(wrapped) != extraction.model_fingerprint(torch.nn.Sequential(model))
 
 
 def test_float16_storage(images, tmp_path):
     database, _ = images
     model = TinyNet().eval()
-    method = vg_test.get_test_method("hard_resize")
+    method = test_methods.get_test_method("hard_resize")
     shards = stream(model, database, tmp_path, method, dtype="float16")
     assert shards.shard(0).dtype == np.float16
     assert os.path.getsize(shards.shard_path(0)) < 8 * model.features_dim * 2 + 200
@@ -195,7 +197,7 @@ def test_extraction_memory_does_not_grow_with_the_number_of_images(images, tmp_p
     of 4096 floats, so that the descriptors dominate)."""
     database, _ = images
     model = TinyNet(features_dim=4096).eval()
-    method = vg_test.get_test_method("hard_resize")
+    method = test_methods.get_test_method("hard_resize")
 
     def peak_bytes(paths, folder):
         tracemalloc.start()
@@ -210,16 +212,16 @@ def test_extraction_memory_does_not_grow_with_the_number_of_images(images, tmp_p
     assert many < few * 1.5
 
 
-@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+@pytest.mark.parametrize("test_method", list(test_methods.TEST_METHODS))
 def test_retrieval_through_the_store_equals_the_in_memory_retrieval(images, tmp_path, test_method, monkeypatch):
     """--descriptors_folder with a tiny --max_ram_gb (database and queries searched in blocks of a few rows):
     the same searched predictions and distances, bit for bit; a second run reuses every descriptor."""
     database, queries = images
     model = TinyNet().eval()
-    method = vg_test.get_test_method(test_method)
+    method = test_methods.get_test_method(test_method)
     expected = vg_test.retrieve(make_args(), database, queries, model, test_method)
     # The fixed overhead, the results of every query vector (crops included), and 1500 bytes: 15 vectors
-    vectors = len(queries) * vg_test.vectors_per_image(method.query_transform, RESIZE, method.mean_of_crops)
+    vectors = len(queries) * extraction.vectors_per_image(method.query_transform, RESIZE, method.mean_of_crops)
     budget = (search.FIXED_OVERHEAD_BYTES + 3 * vectors * 10 * 12 + 1500) / search.GIB
     plans = []
 
@@ -276,11 +278,11 @@ def test_saved_pca_transforms_as_the_fitted_one(tmp_path):
 def test_database_descriptors_are_shared_by_test_methods_and_queries_are_not(images, tmp_path):
     database, queries = images
     model = TinyNet().eval()
-    vg_test.extract_descriptors(make_args(), database, queries, model, "hard_resize", descriptors_folder=str(tmp_path))
-    database_shard = os.path.join(tmp_path, vg_test.DATABASE_FOLDER, "shard_00000.npy")
+    extraction.extract_descriptors(make_args(), database, queries, model, "hard_resize", descriptors_folder=str(tmp_path))
+    database_shard = os.path.join(tmp_path, extraction.DATABASE_FOLDER, "shard_00000.npy")
     written = os.stat(database_shard).st_mtime_ns
-    _, five_crops = vg_test.extract_descriptors(make_args(), database, queries, model, "five_crops",
+    _, five_crops = extraction.extract_descriptors(make_args(), database, queries, model, "five_crops",
                                                 descriptors_folder=str(tmp_path))
     assert os.stat(database_shard).st_mtime_ns == written
     np.testing.assert_array_equal(five_crops.read_all(),
-                                  in_memory(model, queries, vg_test.get_test_method("five_crops")))
+                                  in_memory(model, queries, test_methods.get_test_method("five_crops")))

@@ -68,7 +68,7 @@ def test_two_gloo_processes_train_with_one_writer(tmp_path, datasets_folder):
     args = parser.parse_arguments(["--datasets_folder", datasets_folder, *FLAGS])
     model = network.build_model(args)
     best = os.path.join(run_folders[0], "best_model.pth")
-    util.load_model_weights(model, util.load_state_dict_file(best), best)
+    checkpoint.load_model_weights(model, checkpoint.load_state_dict_file(best), best)
     test_ds = datasets_ws.GeoDataset(datasets_folder, DATASET, "test", args.val_positive_dist_threshold)
     _, expected = test.test(args, test_ds, model)
     logged = re.search(r"Recalls on < [^>]*>: (.*)", info).group(1)

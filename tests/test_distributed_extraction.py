@@ -21,7 +21,7 @@ DRIVER = f"""
 import os, sys
 sys.path.insert(0, {REPO!r})
 import descriptor_store, test
-test.MAX_SHARD_BYTES = 1
+extraction.MAX_SHARD_BYTES = 1
 write_shard = descriptor_store.DescriptorShards.write_shard
 def recorded(self, shard, descriptors):
     write_shard(self, shard, descriptors)
@@ -29,6 +29,7 @@ def recorded(self, shard, descriptors):
         file.write(os.path.basename(self.folder) + " " + str(shard) + "\\n")
 descriptor_store.DescriptorShards.write_shard = recorded
 import commons, eval
+import extraction
 commons.exit_on_user_error(eval.main)
 """
 

@@ -20,6 +20,7 @@ import eval as vg_eval
 import network
 import results
 import test as vg_test
+import metrics
 from commons import UserInputError
 
 pytestmark = pytest.mark.slow
@@ -149,7 +150,7 @@ def test_saved_predictions_pictures_and_descriptors_with_pca_and_low_ram(tmp_pat
         assert file.read().splitlines() == dataset.queries_paths
     # The saved descriptors give back the recalls of the run
     _, predictions = vg_test.exact_search(database, queries, 5)
-    recalls = vg_test.compute_recalls(predictions, dataset.soft_positives_per_query, [1, 5])
+    recalls = metrics.compute_recalls(predictions, dataset.soft_positives_per_query, [1, 5])
     assert list(recalls) == [run_results["recalls"]["test"]["R@1"], run_results["recalls"]["test"]["R@5"]]
 
 

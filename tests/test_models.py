@@ -12,8 +12,11 @@ import network
 import util
 from commons import UserInputError
 from model import functional
-from model.aggregation import AGGREGATIONS, CRN, GeM, L2Norm, NetVLAD, Flatten
+from model.aggregations import AGGREGATIONS
+from model.aggregations.netvlad import CRN, NetVLAD
+from model.aggregations.pools import Flatten, GeM, L2Norm
 from model.backbones import BACKBONES
+from model.parts import CLASS_TOKEN, MAP, TOKENS, Features
 
 # Descriptor size of each backbone's local features (or pooled token)
 BACKBONE_DIMS = {"alexnet": 256, "vgg16": 512, "resnet18conv4": 256, "resnet18conv5": 512, "resnet50conv4": 1024,
@@ -48,20 +51,25 @@ def expected_features_dim(backbone, aggregation, fc_output_dim=None):
 # ----------------------------------------------------------------------------------------------------------
 # Registries
 
+ORIGINAL_BACKBONES = ["alexnet", "vgg16", "resnet18conv4", "resnet18conv5", "resnet50conv4", "resnet50conv5",
+                      "resnet101conv4", "resnet101conv5", "cct384", "vit"]
+ORIGINAL_AGGREGATIONS = {"netvlad", "gem", "spoc", "mac", "rmac", "crn", "rrm", "cls", "seqpool"}
+
+
 def test_registry_names_are_the_original_flag_choices():
-    assert list(BACKBONES) == ["alexnet", "vgg16", "resnet18conv4", "resnet18conv5", "resnet50conv4",
-                               "resnet50conv5", "resnet101conv4", "resnet101conv5", "cct384", "vit"]
-    assert set(AGGREGATIONS) == {"netvlad", "gem", "spoc", "mac", "rmac", "crn", "rrm", "cls", "seqpool"}
+    assert list(BACKBONES)[:len(ORIGINAL_BACKBONES)] == ORIGINAL_BACKBONES  # at least these, in this order
+    assert set(AGGREGATIONS) >= ORIGINAL_AGGREGATIONS
 
 
 def test_allowed_pairs_follow_the_original_rules():
     pairs = set(allowed_pairs())
-    cnns = [name for name, spec in BACKBONES.items() if spec.family == "cnn"]
+    cnns = [name for name in ORIGINAL_BACKBONES if BACKBONES[name].layouts == (MAP,)]
     assert len(cnns) == 8
     for backbone in cnns:
-        assert {a for b, a in pairs if b == backbone} == {"netvlad", "crn", "gem", "spoc", "mac", "rmac", "rrm"}
-    assert {a for b, a in pairs if b == "cct384"} == {"netvlad", "gem", "cls", "seqpool"}
-    assert {a for b, a in pairs if b == "vit"} == {"netvlad", "gem", "cls"}
+        assert {a for b, a in pairs if b == backbone and a in ORIGINAL_AGGREGATIONS} == \
+            {"netvlad", "crn", "gem", "spoc", "mac", "rmac", "rrm"}
+    assert {a for b, a in pairs if b == "cct384" and a in ORIGINAL_AGGREGATIONS} == {"netvlad", "gem", "cls", "seqpool"}
+    assert {a for b, a in pairs if b == "vit" and a in ORIGINAL_AGGREGATIONS} == {"netvlad", "gem", "cls"}
 
 
 def test_compatibility_and_resize_errors_say_what_to_use():
@@ -92,18 +100,19 @@ _built_backbones = {}
 
 @pytest.fixture
 def shared_backbones(monkeypatch):
-    """Backbone builds do not depend on the aggregation (apart from pooled_output, part of the key), so
+    """Backbone builds depend on the aggregation only through the request (its layout is part of the key), so
     each distinct build is made once and reused by every pair (in eval mode, never modified)."""
     for name, spec in list(BACKBONES.items()):
-        def build(_name=name, _build=spec.build, **kwargs):
-            key = (_name, tuple(sorted(kwargs.items())))
+        def build(request, _name=name, _build=spec.build):
+            key = (_name, request.layout, request.final_norm, request.resize, tuple(sorted(request.options.items())))
             if key not in _built_backbones:
-                _built_backbones[key] = _build(**kwargs)
+                _built_backbones[key] = _build(request)
             return _built_backbones[key]
         monkeypatch.setitem(BACKBONES, name, dataclasses.replace(spec, build=build))
 
 
-@pytest.mark.parametrize("backbone,aggregation", allowed_pairs())
+@pytest.mark.parametrize("backbone,aggregation", [pair for pair in allowed_pairs() if pair[0] in ORIGINAL_BACKBONES
+                                                  and pair[1] in ORIGINAL_AGGREGATIONS])
 def test_every_pair_gives_unit_descriptors_of_features_dim(backbone, aggregation, shared_backbones):
     # after_pool makes the shallow poolings end with an L2 normalisation too; cls / seqpool give raw tokens
     model = small_model(backbone, aggregation, l2="after_pool")
@@ -131,10 +140,9 @@ def test_fc_follows_any_aggregation_with_the_whole_descriptor_as_input(aggregati
 def test_features_dim_is_not_written_anywhere_else():
     model = network.make_model("resnet18conv4", "netvlad", pretrain="none", netvlad_clusters=64)
     assert model.features_dim == 64 * 256
-    assert model.netvlad_layer() is model.aggregation
+    assert isinstance(model.aggregation, NetVLAD)
     with_fc = network.make_model("resnet18conv4", "crn", pretrain="none", fc_output_dim=16)
-    assert isinstance(with_fc.netvlad_layer(), CRN)
-    assert network.make_model("resnet18conv4", "gem", pretrain="none").netvlad_layer() is None
+    assert isinstance(with_fc.aggregation[0], CRN) and with_fc.features_dim == 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,11 +159,11 @@ def test_l2_wrapping_module_trees_and_values():
     layer_types = {"before_pool": [L2Norm, GeM, Flatten], "after_pool": [GeM, L2Norm, Flatten],
                    "none": [GeM, Flatten]}
     for l2, values in expected.items():
-        module, dim = network.make_aggregation("gem", 16, "cnn", l2, CLUSTERS, None)
+        module, dim = network.make_aggregation("gem", Features(MAP, 16), l2)
         assert [type(m) for m in module] == layer_types[l2] and dim == 16
         torch.testing.assert_close(module(features), values)
     with pytest.raises(ValueError, match="before_pool, after_pool, none"):
-        network.make_aggregation("gem", 16, "cnn", "always", CLUSTERS, None)
+        network.make_aggregation("gem", Features(MAP, 16), "always")
 
 
 def test_gem_spoc_mac_values():
@@ -171,7 +179,7 @@ def test_gem_on_tokens_keeps_the_original_normalisation_across_tokens():
     """L2Norm(dim=1) on tokens [N, T, D] normalises over T before GeM pools over T (the original's quirk)."""
     torch.manual_seed(0)
     tokens = torch.rand(2, 10, 6)
-    module, _ = network.make_aggregation("gem", 6, "vit", "before_pool", CLUSTERS, None)
+    module, _ = network.make_aggregation("gem", Features(TOKENS, 6), "before_pool")
     normalised = tokens / tokens.norm(dim=1, keepdim=True)
     expected = normalised.clamp(min=1e-6).pow(3).mean(dim=1).pow(1 / 3)  # [N, D]
     torch.testing.assert_close(module(tokens), expected)
@@ -220,7 +228,7 @@ def test_rmac_equals_the_reference(height, width):
 
 def test_rrm_matches_its_definition():
     torch.manual_seed(0)
-    module, dim = network.make_aggregation("rrm", 6, "cnn", "before_pool", CLUSTERS, None)
+    module, dim = network.make_aggregation("rrm", Features(MAP, 6), "before_pool")
     features = torch.rand(2, 6, 3, 4)
     x = module.ln1(features.mean(dim=(2, 3)))
     expected = F.normalize(module.ln2(module.fc2(torch.relu(module.fc1(x))) + x), dim=1)
@@ -323,14 +331,14 @@ def test_initialize_netvlad_with_few_images_and_locations(backbone):
     torch.manual_seed(0)
     size = TEST_RESIZE.get(backbone, (32, 32))
     model = network.make_model(backbone, "netvlad", pretrain="none", netvlad_clusters=4, trunc_te=1, resize=size)
-    layer = model.netvlad_layer()
+    layer = model.aggregation
     model.train()
     runs = []
     for _ in range(2):
         np.random.seed(0)
         torch.manual_seed(0)  # the sampler's order
-        network.initialize_netvlad(layer, model.backbone, RandomImages(6, size), "cpu", infer_batch_size=4,
-                                   num_workers=0, descriptors_num=240, descs_per_image=30)
+        network.initialize_aggregation(model, RandomImages(6, size), "cpu", batch_size=4, num_workers=0,
+                                       descriptors_num=240, descs_per_image=30)
         runs.append(layer.centroids.detach().clone())
     assert model.backbone.training  # the mode is restored
     torch.testing.assert_close(runs[0], runs[1])  # seeded runs draw the same descriptors
@@ -343,8 +351,7 @@ def test_initialize_netvlad_with_few_images_and_locations(backbone):
 def test_initialize_netvlad_with_too_few_descriptors_is_a_clear_error():
     model = network.make_model("resnet18conv5", "netvlad", pretrain="none", netvlad_clusters=64)
     with pytest.raises(UserInputError, match="Only 8 local descriptors to initialise 64 NetVLAD clusters"):
-        network.initialize_netvlad(model.netvlad_layer(), model.backbone, RandomImages(2, (64, 64)), "cpu",
-                                   infer_batch_size=2, num_workers=0)
+        network.initialize_aggregation(model, RandomImages(2, (64, 64)), "cpu", batch_size=2, num_workers=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,34 +385,37 @@ def test_cct_truncation_freezing_and_pooling():
     assert len(cut.backbone.classifier.blocks) == 3
     trainable = {name for name, p in cut.backbone.named_parameters() if p.requires_grad}
     assert trainable and all(name.startswith("classifier.blocks.2.") for name in trainable)
-    # cls and seqpool are the same sequence pooling: softmax(attention_pool(tokens))-weighted sum of tokens
-    assert AGGREGATIONS["cls"].build is AGGREGATIONS["seqpool"].build
-    assert AGGREGATIONS["cls"].pooled_input and AGGREGATIONS["seqpool"].pooled_input
+    # seqpool: the softmax(attention_pool(tokens))-weighted sum of the tokens; cls: the first token (CCT has no
+    # class token: the original's cls returns the top-left patch's token after the final norm)
     images = random_images("cct384")
     cut.eval()
+    cls = network.make_model("cct384", "cls", pretrain="none", resize=(384, 384), trunc_te=3).eval()
+    cls.load_state_dict(cut.state_dict())
     with torch.no_grad():
         pooled = cut(images)
-        cut.backbone.classifier.pooled_output = False
+        first_token = cls(images)
+        cut.backbone.classifier.output = TOKENS
         tokens = cut.backbone(images)
         weights = F.softmax(cut.backbone.classifier.attention_pool(tokens), dim=1)  # [N, T, 1]
         torch.testing.assert_close(pooled, (weights * tokens).sum(dim=1), rtol=1e-5, atol=1e-6)
     assert tokens.shape == (2, 576, 384)
+    torch.testing.assert_close(first_token, tokens[:, 0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="--resize 384 384"):
         cut(torch.zeros(1, 3, 224, 224))
 
 
 def test_vit_tokens_truncation_and_freezing():
     model = network.make_model("vit", "gem", pretrain="none", resize=(224, 224), trunc_te=2, freeze_te=0)
-    assert len(model.backbone.vit.encoder.layers) == 2
+    assert len(model.backbone.vit_model.encoder.layer) == 2
     assert all(p.requires_grad for p in model.backbone.parameters())
     with torch.device("meta"):
         frozen = network.make_model("vit", "cls", pretrain="none", resize=(224, 224), trunc_te=3, freeze_te=1)
     trainable = {name.split(".")[3] for name, p in frozen.backbone.named_parameters() if p.requires_grad}
-    assert trainable == {"encoder_layer_2"}
+    assert trainable == {"2"}
     with torch.no_grad():
         model.eval()
         tokens = model.backbone(random_images("vit", batch_size=1))
-        model.backbone.pooled_output = True
+        model.backbone.output = CLASS_TOKEN
         cls = model.backbone(random_images("vit", batch_size=1))
     assert tokens.shape == (1, 196, 768) and cls.shape == (1, 768)
     with pytest.raises(UserInputError, match="--resize 224 224 or --resize 384 384"):
@@ -421,7 +431,7 @@ def test_unavailable_pretraining_is_a_clear_error():
 # FLOPs
 
 def test_flops_and_params_on_a_copy():
-    aggregation, dim = network.make_aggregation("gem", 8, "cnn", "before_pool", CLUSTERS, 4)
+    aggregation, dim = network.make_aggregation("gem", Features(MAP, 8), "before_pool", fc_output_dim=4)
     model = network.GeoLocalizationNet(nn.Conv2d(3, 8, 3, padding=1, bias=False), aggregation, dim)
     keys = list(model.state_dict())
     flops, params = util.compute_flops_and_params(model, (16, 12), "cpu")

@@ -24,6 +24,9 @@ import network
 import parser as vg_parser
 import test as vg_test
 import train
+import extraction
+import test_methods
+import recipes.triplets as triplets_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REALDATA = os.path.join(os.path.dirname(__file__), "data", "realdata")
@@ -74,12 +77,12 @@ def test_normalised_tensor_is_the_original_transform_bit_for_bit(synthetic_image
         assert torch.equal(got, expected), path
 
 
-@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+@pytest.mark.parametrize("test_method", list(test_methods.TEST_METHODS))
 def test_dataset_items_are_the_original_pipeline_bit_for_bit(test_method, synthetic_images):
     """PIL -> RGB -> ToTensor -> Normalize -> tensor resize (or the method's crops), as the original's
     test datasets, for every test method's query transform and the database's hard resize."""
     resize = [24, 40]
-    transform = vg_test.get_test_method(test_method).query_transform
+    transform = test_methods.get_test_method(test_method).query_transform
     paths = real_images(2) + synthetic_images[:3]
     dataset = datasets_ws.ImagesDataset(paths, transform, resize)
     for index, path in enumerate(paths):
@@ -151,9 +154,12 @@ def test_worker_processes_give_the_same_descriptors_and_predictions(test_method)
             np.testing.assert_array_equal(seen[(2, kind)][index], descriptor)
 
 
-def test_loader_options_pin_memory_on_cuda_only():
-    assert datasets_ws.loader_options(1, "cpu") == {"num_workers": 1, "pin_memory": False}
-    assert datasets_ws.loader_options(4, torch.device("cuda", 0)) == {"num_workers": 4, "pin_memory": True}
+def test_loaders_pin_memory_on_cuda_only():
+    images = datasets_ws.ImagesDataset([])
+    cpu = datasets_ws.make_loader(images, 2, 1, "cpu")
+    assert (cpu.num_workers, cpu.pin_memory, cpu.batch_size) == (1, False, 2)
+    cuda = datasets_ws.make_loader(images, 2, 4, torch.device("cuda", 0))
+    assert (cuda.num_workers, cuda.pin_memory) == (4, True)
 
 
 @pytest.mark.parametrize("device, cpus, expected", [("cpu", 1, 0), ("cpu", 2, 0), ("cpu", 4, 1), ("cpu", 8, 2),
@@ -200,10 +206,10 @@ def test_one_process_world_is_the_plain_retrieval():
     database_paths, queries_paths = gardens_paths()
     model = small_model()
     world = commons.DistributedContext(0, 1, 0, torch.device("cpu"))
-    np.testing.assert_array_equal(vg_test.gather_descriptors(model, database_paths, datasets_ws.hard_resize,
+    np.testing.assert_array_equal(extraction.gather_descriptors(model, database_paths, datasets_ws.hard_resize,
                                                              [32, 48], 4, 0, world),
-                                  vg_test.collect_descriptors(vg_test.descriptor_batches(
-                                      model, vg_test.make_loader(database_paths, datasets_ws.hard_resize, [32, 48],
+                                  extraction.collect_descriptors(extraction.descriptor_batches(
+                                      model, extraction.images_loader(database_paths, datasets_ws.hard_resize, [32, 48],
                                                                  4, 0, "cpu"), "cpu"), len(database_paths)))
 
 
@@ -241,13 +247,13 @@ def test_refresh_reports_its_timings_and_images():
     world = commons.DistributedContext(0, 1, 0, torch.device("cpu"))
     timings = {}
     np.random.seed(0)
-    triplets = train.refresh_triplets(miner, extractor, SimpleNamespace(features_dim=dim), 4,
+    triplets = triplets_recipe.refresh_triplets(miner, extractor, SimpleNamespace(features_dim=dim), 4,
                                       database_num + queries_num, world, timings)
     assert triplets.shape == (4, 4)
     assert timings["cached_images"] == len(asked[0])
     assert timings["cache_seconds"] >= 0 and timings["mining_seconds"] >= 0
     np.random.seed(0)
-    assert np.array_equal(train.refresh_triplets(miner, extractor, SimpleNamespace(features_dim=dim), 4,
+    assert np.array_equal(triplets_recipe.refresh_triplets(miner, extractor, SimpleNamespace(features_dim=dim), 4,
                                                  database_num + queries_num, world), triplets)
 
 

@@ -11,6 +11,9 @@ from PIL import Image
 
 import datasets_ws
 import test as vg_test
+import extraction
+import metrics
+import test_methods
 from commons import UserInputError
 
 SIDE = 8  # --resize 8 8: database images of 8x8 are not changed by the resize
@@ -80,7 +83,7 @@ RECALL_VALUES_CASES = [[1], [1, 3], [1, 5, 10], [1, 5, 10, 20], [2, 11, 50]]
 
 
 @pytest.mark.parametrize("recall_values", RECALL_VALUES_CASES, ids=str)
-@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+@pytest.mark.parametrize("test_method", list(test_methods.TEST_METHODS))
 def test_each_method_finds_the_known_answer_with_any_recall_values(world, test_method, recall_values):
     dataset, index_of = world
     args = make_args(recall_values=recall_values)
@@ -156,9 +159,9 @@ def test_nearest_crop_merge_by_hand():
     predictions = np.array([[[4, 2, 7], [2, 9, 4], [7, 4, 1]]])
     distances = np.array([[[0.5, 0.9, 1.0], [0.1, 0.6, 0.7], [0.3, 0.4, 2.0]]], dtype=np.float32)
     # sorted: 2(.1) 7(.3) 4(.4) 4(.5) 9(.6) 4(.7) 2(.9) 7(1.0) 1(2.0) -> unique in order 2 7 4 9 1
-    np.testing.assert_array_equal(vg_test.merge_nearest_crop(predictions, distances, 3), [[2, 7, 4]])
-    np.testing.assert_array_equal(vg_test.merge_nearest_crop(predictions, distances, 5), [[2, 7, 4, 9, 1]])
-    np.testing.assert_allclose(vg_test.nearest_crop_distances(predictions, distances, np.array([[2, 7, 4, 9, 1]])),
+    np.testing.assert_array_equal(metrics.merge_nearest_crop(predictions, distances, 3), [[2, 7, 4]])
+    np.testing.assert_array_equal(metrics.merge_nearest_crop(predictions, distances, 5), [[2, 7, 4, 9, 1]])
+    np.testing.assert_allclose(metrics.nearest_crop_distances(predictions, distances, np.array([[2, 7, 4, 9, 1]])),
                                [[0.1, 0.3, 0.4, 0.6, 2.0]])
 
 
@@ -166,12 +169,12 @@ def test_majority_voting_merge_by_hand():
     # 1 query, 5 crops, k = 2. Database 5 is first for 3 crops but farther than 8, first for 2 crops
     predictions = np.array([[[5, 8], [8, 5], [5, 8], [8, 5], [5, 8]]])
     distances = np.array([[[0.9, 1.5], [0.1, 1.6], [0.9, 1.5], [0.1, 1.6], [0.9, 1.5]]], dtype=np.float32)
-    np.testing.assert_array_equal(vg_test.merge_nearest_crop(predictions, distances, 2), [[8, 5]])
+    np.testing.assert_array_equal(metrics.merge_nearest_crop(predictions, distances, 2), [[8, 5]])
     # top1 votes: 5 -> 3 w, 8 -> 2 w; in the first 5 (and 10) columns both appear 5 times: equal votes.
     # With w = 1: 5 at 0.9 - 3 - 1 - 0.5 = -3.6; 8 at 0.1 - 2 - 1 - 0.5 = -3.4 -> 5 first
-    np.testing.assert_array_equal(vg_test.merge_majority_voting(predictions, distances, 2, 1.0), [[5, 8]])
+    np.testing.assert_array_equal(metrics.merge_majority_voting(predictions, distances, 2, 1.0), [[5, 8]])
     # With w = 0.5: 5 at 0.9 - 1.5 = -0.6 (-0.5 -0.25 for top5/10 on both) vs 8 at 0.1 - 1.0 = -0.9 -> 8 first
-    np.testing.assert_array_equal(vg_test.merge_majority_voting(predictions, distances, 2, 0.5), [[8, 5]])
+    np.testing.assert_array_equal(metrics.merge_majority_voting(predictions, distances, 2, 0.5), [[8, 5]])
     # The input distances are not modified
     assert distances[0, 0, 0] == np.float32(0.9)
 
@@ -183,14 +186,14 @@ def test_merges_work_for_any_crop_count_and_k(crops_num, k, top_k):
     predictions = np.stack([np.stack([rng.permutation(database_num)[:k] for _ in range(crops_num)])
                             for _ in range(queries_num)])
     distances = np.sort(rng.random((queries_num, crops_num, k)).astype(np.float32), axis=2)
-    for merged in (vg_test.merge_nearest_crop(predictions, distances, top_k),
-                   vg_test.merge_majority_voting(predictions, distances, top_k, 0.01)):
+    for merged in (metrics.merge_nearest_crop(predictions, distances, top_k),
+                   metrics.merge_majority_voting(predictions, distances, top_k, 0.01)):
         assert merged.shape == (queries_num, top_k)
         for q in range(queries_num):
             assert len(set(merged[q].tolist())) == top_k
             assert set(merged[q].tolist()) <= set(predictions[q].ravel().tolist())
     # nearest_crop by a plain loop: the best distance of each index, sorted
-    merged = vg_test.merge_nearest_crop(predictions, distances, top_k)
+    merged = metrics.merge_nearest_crop(predictions, distances, top_k)
     for q in range(queries_num):
         best = {}
         for p, d in zip(predictions[q].ravel(), distances[q].ravel()):
@@ -198,7 +201,7 @@ def test_merges_work_for_any_crop_count_and_k(crops_num, k, top_k):
         assert merged[q].tolist() == sorted(best, key=lambda p: best[p])[:top_k]
 
 
-@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+@pytest.mark.parametrize("test_method", list(test_methods.TEST_METHODS))
 def test_top_k_of_a_deeper_search_equals_a_search_for_k(world, test_method):
     """eval.py searches deeper than max(recall_values) for --save_predictions K; the recalls must not change
     (majority voting looks at the first 10 predictions of each crop, so it depends on k)."""
@@ -216,7 +219,7 @@ def test_top_k_of_a_deeper_search_equals_a_search_for_k(world, test_method):
 
 # ---------------------------------------------------------------------------------------------- low-RAM path
 
-@pytest.mark.parametrize("test_method", list(vg_test.TEST_METHODS))
+@pytest.mark.parametrize("test_method", list(test_methods.TEST_METHODS))
 def test_efficient_ram_testing_gives_the_same_results(world, test_method, monkeypatch):
     dataset, _ = world
     torch.manual_seed(0)
@@ -283,4 +286,4 @@ def test_non_finite_descriptors_stop_the_test_with_a_clear_error():
             return features
     loader = [(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]))]
     with pytest.raises(UserInputError, match="non-finite descriptors .* Check --resume, or retrain with a lower --lr"):
-        list(vg_test.descriptor_batches(BrokenModel(), loader, "cpu"))
+        list(extraction.descriptor_batches(BrokenModel(), loader, "cpu"))

@@ -9,6 +9,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import datasets_ws
+import recipes.triplets as triplets_recipe
 from commons import UserInputError
 
 RESIZE = (24, 32)
@@ -35,7 +36,7 @@ def toy(tmp_path):
 
 def test_queries_without_hard_positives_are_dropped_with_their_data(toy, caplog):
     with caplog.at_level(logging.INFO):
-        dataset = datasets_ws.TripletsDataset(toy, "toy", "train", resize=RESIZE)
+        dataset = triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE)
     assert "There are 1 queries without any positives within 10 m" in caplog.text
     assert dataset.queries_num == 3 and len(dataset.queries_paths) == 3
     assert [os.path.basename(p).split("@")[1] for p in dataset.queries_paths] == ["1.00", "149.00", "201.00"]
@@ -47,18 +48,18 @@ def test_queries_without_hard_positives_are_dropped_with_their_data(toy, caplog)
 
 
 def test_soft_positives_use_their_own_threshold(toy):
-    dataset = datasets_ws.TripletsDataset(toy, "toy", "train", resize=RESIZE, hard_positives_dist_threshold=10,
+    dataset = triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE, hard_positives_dist_threshold=10,
                                           soft_positives_dist_threshold=60)
     assert [p.tolist() for p in dataset.soft_positives_per_query] == [[0, 4, 5], [1, 2, 3], [2, 3]]
 
 
 def test_no_query_with_a_hard_positive_is_a_clear_error(toy):
     with pytest.raises(UserInputError, match="--train_positives_dist_threshold"):
-        datasets_ws.TripletsDataset(toy, "toy", "train", resize=RESIZE, hard_positives_dist_threshold=0.5)
+        triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE, hard_positives_dist_threshold=0.5)
 
 
 def test_item_is_query_positive_negatives_stacked(toy):
-    dataset = datasets_ws.TripletsDataset(toy, "toy", "train", resize=RESIZE)
+    dataset = triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE)
     images, triplet = dataset[(2, 4, 0, 1, 2)]
     assert images.shape == (5, 3) + RESIZE
     assert triplet.tolist() == [2, 4, 0, 1, 2]
@@ -104,28 +105,28 @@ def test_wide_queries_are_centre_cropped_to_four_by_three_as_the_original():
 
 def test_collate_and_split_features():
     batch = [(torch.full((4, 3, 2, 2), float(g)), torch.tensor([g, 10 + g, 20, 21])) for g in range(3)]
-    images, triplets = datasets_ws.triplets_collate_fn(batch)
+    images, triplets = triplets_recipe.triplets_collate_fn(batch)
     assert images.shape == (12, 3, 2, 2) and triplets.tolist() == [[0, 10, 20, 21], [1, 11, 20, 21], [2, 12, 20, 21]]
     features = torch.arange(12.0).repeat_interleave(2).view(12, 2)  # image i -> [i, i]
-    queries, positives, negatives = datasets_ws.split_triplets_features(features, 3)
+    queries, positives, negatives = triplets_recipe.split_triplets_features(features, 3)
     assert queries[:, 0].tolist() == [0, 4, 8] and positives[:, 0].tolist() == [1, 5, 9]
     assert negatives.shape == (3, 2, 2) and negatives[:, :, 0].tolist() == [[2, 3], [6, 7], [10, 11]]
 
 
 def test_process_shares_cover_each_full_batch_once():
     triplets = np.arange(11 * 3).reshape(11, 3)
-    shares = [datasets_ws.process_share_of_batches(triplets, 4, rank, 2) for rank in range(2)]
+    shares = [triplets_recipe.process_share_of_batches(triplets, 4, rank, 2) for rank in range(2)]
     assert [row[0] for row in shares[0]] == [0, 3, 12, 15]
     assert [row[0] for row in shares[1]] == [6, 9, 18, 21]
-    single = datasets_ws.process_share_of_batches(triplets, 4, 0, 1)
+    single = triplets_recipe.process_share_of_batches(triplets, 4, 0, 1)
     assert len(single) == 8 and single[0] == (0, 1, 2)  # the incomplete last batch (rows 8-10) is dropped
 
 
 def test_loader_over_a_list_sampler_yields_batches_of_groups(toy):
-    dataset = datasets_ws.TripletsDataset(toy, "toy", "train", resize=RESIZE)
+    dataset = triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE)
     sampler = datasets_ws.ListSampler([(0, 1, 3, 4), (1, 4, 0, 1), (2, 5, 0, 1)])
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, drop_last=True,
-                                         collate_fn=datasets_ws.triplets_collate_fn)
+                                         collate_fn=triplets_recipe.triplets_collate_fn)
     batches = list(loader)
     assert len(batches) == 1 and batches[0][0].shape == (8, 3) + RESIZE
     sampler.items = [(2, 5, 0, 1)] * 4

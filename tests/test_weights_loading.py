@@ -13,7 +13,9 @@ import torchvision
 
 import network
 import util
+import checkpoint
 from model import zoo
+from model.backbones import cct
 
 
 @pytest.fixture
@@ -48,8 +50,9 @@ def make_args(**overrides):
 
 @pytest.mark.parametrize("backbone,pretrain,resize,source,file_name", [
     ("resnet18conv4", "imagenet", (480, 640), "https://download.pytorch.org/models/resnet18-f37072fd.pth", None),
-    ("vit", "imagenet", (384, 384), "https://download.pytorch.org/models/vit_b_16_swag-9ac1b537.pth", None),
-    ("cct384", "imagenet", (384, 384), zoo.CCT384_IMAGENET_URL, None),
+    ("vit", "imagenet", (384, 384), "https://huggingface.co/google/vit-base-patch16-384/resolve/main/pytorch_model.bin",
+     os.path.join("data", "pretrained_nets", "vit-base-patch16-384.bin")),
+    ("cct384", "imagenet", (384, 384), cct.CCT384_IMAGENET.url, None),
     ("vgg16", "places", (480, 640), "https://drive.google.com/file/d/1UWl1uz6rZ6Nqmp1K5z3GHAIZJmDh4bDu/view",
      os.path.join("data", "pretrained_nets", "vgg16_places.pth")),
 ])
@@ -82,10 +85,14 @@ def test_placed_imagenet_and_places_files_are_used_without_network(offline, tmp_
 
 def test_placed_cct_weights_lose_their_classification_head(offline, tmp_path):
     os.makedirs(os.path.dirname(hub_path(tmp_path, "x")))
-    weights = {"classifier.positional_emb": torch.ones(1, 576, 384), "classifier.fc.weight": torch.ones(1000, 384),
-               "classifier.fc.bias": torch.ones(1000)}
+    torch.manual_seed(0)
+    weights = dict(cct.cct_14_7x2_384().state_dict())
+    weights.update({"classifier.fc.weight": torch.ones(1000, 384), "classifier.fc.bias": torch.ones(1000)})
     torch.save(weights, hub_path(tmp_path, "cct_14_7x2_384_imagenet.pth"))
-    assert list(util.cct384_imagenet_state_dict()) == ["classifier.positional_emb"]
+    model = network.build_model(make_args(backbone="cct384", aggregation="seqpool", resize=[384, 384]))
+    loaded = model.backbone.state_dict()
+    assert list(loaded) == [key for key in weights if not key.startswith("classifier.fc.")]
+    assert torch.equal(loaded["classifier.positional_emb"], weights["classifier.positional_emb"])
     assert offline == []
 
 
@@ -218,10 +225,10 @@ def test_in_order_mapping_checks_shapes():
     ours = collections.OrderedDict([("a.weight", torch.zeros(4, 3)), ("a.bias", torch.zeros(4))])
     theirs = collections.OrderedDict([("x.weight", torch.ones(4, 3)), ("x.bias", torch.ones(5))])
     with pytest.raises(util.CheckpointError) as error:
-        util.map_state_dict_in_order(ours, theirs, "their.pth")
+        checkpoint.map_state_dict_in_order(ours, theirs, "their.pth")
     assert "x.bias [5] would map onto our a.bias [4]" in str(error.value)
     with pytest.raises(util.CheckpointError, match="has 1 tensors, the model 2"):
-        util.map_state_dict_in_order(ours, collections.OrderedDict([("x", torch.ones(4, 3))]), "their.pth")
+        checkpoint.map_state_dict_in_order(ours, collections.OrderedDict([("x", torch.ones(4, 3))]), "their.pth")
 
 
 def fake_old_sklearn_module(calls):

@@ -1,12 +1,17 @@
 """Compact Convolutional Transformer CCT-14/7x2 at 384 px (Hassani et al., SHI-Labs Compact-Transformers).
 
 Written to match the original benchmark's copy of it: same module names (so its checkpoints and the
-SHI-Labs ImageNet weights load), no classification head, and sequence pooling applied only when the
-aggregation asks for a pooled vector.
+SHI-Labs ImageNet weights load), no classification head. It outputs what its aggregation takes: the tokens after
+the final norm, their sequence pooling (seqpool), or, for cls, the first token. CCT has no class token: the
+original's cls returns the top-left patch's token, a quirk kept because its CCT-CLS checkpoints and the paper's
+numbers come from it.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.backbones.encoders import encoder_check, freeze_encoders, truncate
+from model.parts import CLASS_TOKEN, SEQPOOL, TOKENS, Features, FixedSizes, KeyLayout, WeightsSource
 
 
 def drop_path(x, drop_prob=0.0, training=False):
@@ -106,13 +111,13 @@ class TransformerClassifier(nn.Module):
     """The encoder of CCT with a learnable positional embedding and sequence pooling (no class token)."""
 
     def __init__(self, embedding_dim, num_layers, num_heads, mlp_ratio, sequence_length, dropout=0.0,
-                 attention_dropout=0.1, stochastic_depth=0.1, pooled_output=False):
+                 attention_dropout=0.1, stochastic_depth=0.1, output=TOKENS):
         super().__init__()
         dim_feedforward = int(embedding_dim * mlp_ratio)
         self.embedding_dim = embedding_dim
         self.sequence_length = sequence_length
-        # Return the sequence-pooled vector [N, D] (cls / seqpool) instead of the tokens [N, T, D]
-        self.pooled_output = pooled_output
+        # TOKENS [N, T, D], SEQPOOL or CLASS_TOKEN [N, D]
+        self.output = output
         self.attention_pool = nn.Linear(self.embedding_dim, 1)
         self.positional_emb = nn.Parameter(torch.zeros(1, sequence_length, embedding_dim), requires_grad=True)
         nn.init.trunc_normal_(self.positional_emb, std=0.2)
@@ -145,8 +150,10 @@ class TransformerClassifier(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        if self.pooled_output:
-            x = torch.matmul(F.softmax(self.attention_pool(x), dim=1).transpose(-1, -2), x).squeeze(-2)
+        if self.output == SEQPOOL:
+            return torch.matmul(F.softmax(self.attention_pool(x), dim=1).transpose(-1, -2), x).squeeze(-2)
+        if self.output == CLASS_TOKEN:
+            return x[:, 0]
         return x
 
 
@@ -154,7 +161,7 @@ class CCT(nn.Module):
     def __init__(self, img_size=224, embedding_dim=768, n_input_channels=3, n_conv_layers=1, kernel_size=7,
                  stride=2, padding=3, pooling_kernel_size=3, pooling_stride=2, pooling_padding=1,
                  dropout=0.0, attention_dropout=0.1, stochastic_depth=0.1, num_layers=14, num_heads=6,
-                 mlp_ratio=4.0, pooled_output=False):
+                 mlp_ratio=4.0, output=TOKENS):
         super().__init__()
         self.tokenizer = Tokenizer(n_input_channels=n_input_channels, n_output_channels=embedding_dim,
                                    kernel_size=kernel_size, stride=stride, padding=padding,
@@ -165,7 +172,7 @@ class CCT(nn.Module):
         self.classifier = TransformerClassifier(
             embedding_dim=embedding_dim, num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
             sequence_length=sequence_length, dropout=dropout, attention_dropout=attention_dropout,
-            stochastic_depth=stochastic_depth, pooled_output=pooled_output)
+            stochastic_depth=stochastic_depth, output=output)
 
     def forward(self, x):
         return self.classifier(self.tokenizer(x))
@@ -184,10 +191,43 @@ CCT384_EMBEDDING_DIM = 384
 CCT384_LAYERS_NUM = 14
 
 
-def cct_14_7x2_384(pooled_output=False):
+def cct_14_7x2_384(output=TOKENS):
     """CCT-14/7x2 at 384x384: 2 conv layers of kernel 7 (stride 2, padding 3), 14 encoder layers,
     embedding 384, 6 heads, MLP ratio 3; 576 tokens. Randomly initialised (weights are loaded by the caller).
     """
     return CCT(img_size=CCT384_IMAGE_SIZE, embedding_dim=CCT384_EMBEDDING_DIM, n_conv_layers=2, kernel_size=7,
                stride=2, padding=3, num_layers=CCT384_LAYERS_NUM, num_heads=6, mlp_ratio=3,
-               pooled_output=pooled_output)
+               output=output)
+
+
+CCT384_IMAGENET = WeightsSource("the CCT-14/7x2-384 ImageNet weights", "cct_14_7x2_384_imagenet.pth",
+                                url="https://shi-labs.com/projects/cct/checkpoints/finetuned/cct_14_7x2_384_imagenet.pth")
+# The SHI-Labs file holds an ImageNet classification head that the benchmark drops
+IMAGENET_LAYOUT = KeyLayout("SHI-Labs CCT", dropped=("classifier.fc.",))
+LAYOUTS = (TOKENS, SEQPOOL, CLASS_TOKEN)
+SIZES = FixedSizes(((CCT384_IMAGE_SIZE, CCT384_IMAGE_SIZE),))
+CHECK = encoder_check(CCT384_LAYERS_NUM)
+
+
+def build(request):
+    """CCT-14/7x2 at 384x384, with the SHI-Labs ImageNet weights (without their classification head)."""
+    backbone = cct_14_7x2_384(output=request.layout)
+    if request.pretrain == "imagenet":
+        request.load_weights(backbone, CCT384_IMAGENET, layout=IMAGENET_LAYOUT)
+    blocks = backbone.classifier.blocks
+    backbone.classifier.blocks = truncate(blocks, request.options["trunc_te"])
+    freeze_encoders(backbone, backbone.classifier.blocks, request.options["freeze_te"])
+    return backbone, Features(request.layout, CCT384_EMBEDDING_DIM)
+
+
+def hints(missing, unexpected):
+    """--trunc_te fixes guessed from the encoder blocks a checkpoint has more or fewer of."""
+    prefix = "backbone.classifier.blocks."
+    checkpoint_blocks = {int(key[len(prefix):].split(".")[0]) for key in unexpected if key.startswith(prefix)}
+    model_blocks = {int(key[len(prefix):].split(".")[0]) for key in missing if key.startswith(prefix)}
+    if model_blocks and not checkpoint_blocks:
+        return [f"the checkpoint has {min(model_blocks)} transformer encoders: use --trunc_te {min(model_blocks)}"]
+    if checkpoint_blocks and not model_blocks:
+        return [f"the checkpoint has {max(checkpoint_blocks) + 1} transformer encoders: use a larger --trunc_te "
+                "(or none)"]
+    return []

@@ -1,0 +1,59 @@
+"""What every training recipe provides to train.py, and the pieces recipes share.
+
+A recipe is made once per run with make(args, world, device, amp_dtype) and then gives:
+  images_dataset          training images (items (tensor, index)) for the aggregation's initialisation
+  trained_modules()       modules it trains beside the model (e.g. classifiers), each optimised with the model
+  train_epoch(model, raw_model, optimizer, grad_scaler, epoch_num) -> EpochSummary
+                          `model` may be wrapped by DistributedDataParallel, `raw_model` never is
+  state_dict() / load_state_dict(state)
+                          what a checkpoint keeps to continue the run exactly (sampler position, classifiers)
+train.py owns everything else: the model, the optimizer, validation, checkpoints, patience and the final test.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from model.parts import Option
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    """One --recipe: how to make it, its own options (argparse flags), and a check of the flags."""
+    make: Callable
+    options: Tuple[Option, ...] = ()
+    check: Optional[Callable] = None  # args -> error message or None
+
+
+@dataclass
+class EpochSummary:
+    """The mean loss of an epoch's batches, their number, and what results.json keeps of the epoch."""
+    loss: float
+    batches_num: int
+    details: list = field(default_factory=list)
+
+
+def optimizer_step(loss, optimizer, grad_scaler):
+    """Backward pass and step, with the loss scaling of float16 autocast when `grad_scaler` is enabled."""
+    optimizer.zero_grad(set_to_none=True)
+    grad_scaler.scale(loss).backward()
+    grad_scaler.step(optimizer)
+    grad_scaler.update()
+
+
+class LossMeter:
+    """Sum of batch losses kept on the device (no .item() per batch: it would wait for the GPU every time)."""
+
+    def __init__(self, device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.batches_num = 0
+        self.last = torch.zeros(())
+
+    def add(self, loss):
+        self.sum += loss.detach()
+        self.batches_num += 1
+        self.last = loss.detach()
+
+    @property
+    def mean(self):
+        return self.sum.item() / max(self.batches_num, 1)
