@@ -8,7 +8,7 @@ checkpoint's mismatching keys into flag fixes. To add a backbone: a file like cn
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from model.backbones import cct, cnn, vit
+from model.backbones import cct, cnn, dinov2, vit
 from model.backbones.encoders import ENCODER_OPTIONS
 from model.parts import AnySize, KeyLayout, Option
 
@@ -45,6 +45,10 @@ BACKBONES = {
     "vit": BackboneEntry(vit.build, vit.LAYOUTS, options=ENCODER_OPTIONS, sizes=vit.SIZES, check=vit.CHECK),
     "resnet152conv4": _resnet(152, "conv4"),
     "resnet152conv5": _resnet(152, "conv5"),
+    "dinov2_vits14": dinov2.entry("vits14"),
+    "dinov2_vitb14": dinov2.entry("vitb14"),
+    "dinov2_vitl14": dinov2.entry("vitl14"),
+    "dinov2_vitg14": dinov2.entry("vitg14"),
 }
 
 
