@@ -81,3 +81,27 @@ def vlad_core(x_flatten, soft_assign, centroids):
     vlad = F.normalize(vlad, p=2, dim=2)  # intra-normalisation
     vlad = vlad.reshape(vlad.shape[0], -1)
     return F.normalize(vlad, p=2, dim=1)
+
+
+def log_optimal_transport(scores, dustbin, iterations=3):
+    """SALAD's optimal-transport assignment of n local features to m clusters and a dustbin, by log-domain Sinkhorn
+    (regularisation 1) exactly as serizba/salad computes it.
+
+    scores: [B, m, n]; dustbin: a scalar tensor filling the extra row m. Log-marginals: -log(n+m) for each cluster
+    row and each column, log(n-m) - log(n+m) for the dustbin row (so n must exceed m), built as float32 tensors from
+    math.log; each of the `iterations` updates the rows, then the columns. Returns log P + log(n+m), [B, m+1, n]:
+    after the last (column) update every column of its exp sums to 1.
+    """
+    batch_size, m, n = scores.shape
+    if n <= m:
+        raise ValueError(f"The optimal transport needs more local features than clusters, got {n} for {m}")
+    z = torch.cat((scores, dustbin.to(scores.dtype).expand(batch_size, 1, n)), dim=1)
+    norm = -torch.tensor(math.log(n + m), dtype=torch.float32, device=scores.device)
+    log_a = norm.expand(m + 1).clone()
+    log_a[-1] = log_a[-1] + math.log(n - m)  # the dustbin takes the mass the clusters leave
+    log_a, log_b = log_a.expand(batch_size, -1), norm.expand(batch_size, n)
+    u, v = torch.zeros_like(log_a), torch.zeros_like(log_b)
+    for _ in range(iterations):
+        u = log_a - torch.logsumexp(z + v.unsqueeze(1), dim=2)
+        v = log_b - torch.logsumexp(z + u.unsqueeze(2), dim=1)
+    return z + u.unsqueeze(2) + v.unsqueeze(1) - norm

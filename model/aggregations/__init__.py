@@ -11,8 +11,8 @@ Module and parameter names follow the original benchmark (and the authors' relea
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-from model.aggregations import netvlad, pools, rrm
-from model.parts import CLASS_TOKEN, MAP, SEQPOOL, KeyLayout, Option
+from model.aggregations import boq, convap, mixvpr, netvlad, pools, rrm, salad
+from model.parts import CLASS_TOKEN, MAP, MAP_AND_CLASS_TOKEN, SEQPOOL, KeyLayout, Option
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class AggregationEntry:
     initialize: Optional[Callable] = None  # (aggregation module, backbone_outputs(images_num)) -> None
     optimizer_groups: Optional[Callable] = None  # (model, options) -> parameter groups with their lr
     starts_from_subset: bool = False  # a checkpoint holding a subset of its layers (CRN from NetVLAD) starts it
+    default_fc_output_dim: Optional[int] = None  # --fc_output_dim when not given (a final linear layer of its own)
     key_layouts: Tuple[KeyLayout, ...] = ()
     hints: Optional[Callable] = None  # (missing keys, unexpected keys) -> list of flag fixes
 
@@ -44,6 +45,13 @@ AGGREGATIONS = {
     # The backbone pools itself: its first (class) token, or CCT's sequence pooling
     "cls": AggregationEntry(pools.build_identity, (CLASS_TOKEN,)),
     "seqpool": AggregationEntry(pools.build_identity, (SEQPOOL,)),
+    "mixvpr": AggregationEntry(mixvpr.build, (MAP,), mixvpr.OPTIONS, key_layouts=mixvpr.KEY_LAYOUTS),
+    "convap": AggregationEntry(convap.build, (MAP,), convap.OPTIONS, key_layouts=convap.KEY_LAYOUTS),
+    "boq": AggregationEntry(boq.build, (MAP,), boq.OPTIONS, final_norm=False, key_layouts=boq.KEY_LAYOUTS),
+    "salad": AggregationEntry(salad.build, (MAP_AND_CLASS_TOKEN,), salad.OPTIONS, key_layouts=salad.KEY_LAYOUTS),
+    "megaloc": AggregationEntry(salad.build, (MAP_AND_CLASS_TOKEN,), salad.MEGALOC_OPTIONS,
+                                rounds_input_to_patch=True, default_fc_output_dim=salad.MEGALOC_FC_OUTPUT_DIM,
+                                key_layouts=salad.MEGALOC_KEY_LAYOUTS),
 }
 
 
