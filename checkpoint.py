@@ -374,7 +374,7 @@ def restore_rng_states(states):
 # The training state
 
 def training_state(*, model, optimizer, epoch_num, best_r5, not_improved_num, recalls, optim, recipe,
-                   recipe_state, grad_scaler=None):
+                   recipe_state, grad_scaler=None, training_step_state=None):
     """What last_model.pth and best_model.pth hold after epoch `epoch_num` (best R@5 and patience count
     already updated with its validation `recalls`). `model` is the bare model (no DDP wrapper), so the
     weights' names have no `module.` prefix."""
@@ -390,6 +390,7 @@ def training_state(*, model, optimizer, epoch_num, best_r5, not_improved_num, re
         "rng_states": capture_rng_states(),
         "recipe": recipe,
         "recipe_state": recipe_state,
+        "training_step_state": training_step_state,
         "grad_scaler_state_dict": grad_scaler.state_dict() if grad_scaler is not None else None,
     }
 

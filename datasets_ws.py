@@ -10,7 +10,7 @@ import torch
 import torch.utils.data as data
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from commons import UserInputError
 
@@ -278,13 +278,15 @@ class GeoDataset:
 # Unlike the evaluation above (normalise, then resize the tensor), training images are resized as PIL images
 # before ToTensor and normalisation, as in the original's training; queries get the augmentations first.
 
-def database_training_transform(resize):
-    """Database images in training: resize (PIL, bilinear) to `resize` (H, W), ToTensor, normalise."""
-    return T.Compose([T.Resize(list(resize)), to_normalised_tensor])
+def database_training_transform(resize, rand_augment=None):
+    """Database images in training: resize (PIL, bilinear) to `resize` (H, W), [RandAugment of `rand_augment`
+    (operations, magnitude), bilinear, as the GSV-Cities methods], ToTensor, normalise."""
+    augment = [T.RandAugment(*rand_augment, interpolation=T.InterpolationMode.BILINEAR)] if rand_augment else []
+    return T.Compose([T.Resize(list(resize))] + augment + [to_normalised_tensor])
 
 
 def query_training_transform(resize, brightness=0, contrast=0, saturation=0, hue=0, rand_perspective=0,
-                             random_resized_crop=0, random_rotation=0):
+                             random_resized_crop=0, random_rotation=0, rand_augment=None):
     """Queries in training, in the original's order: colour jitters (brightness, contrast, saturation, hue, one
     at a time), RandomPerspective, RandomResizedCrop to `resize` with scale (1 - random_resized_crop, 1),
     RandomRotation, then as the database images. A jitter, perspective or rotation of 0 would leave the image
@@ -297,7 +299,7 @@ def query_training_transform(resize, brightness=0, contrast=0, saturation=0, hue
     steps.append(T.RandomResizedCrop(size=list(resize), scale=(1 - random_resized_crop, 1)))
     if random_rotation:
         steps.append(T.RandomRotation(degrees=random_rotation))
-    return T.Compose(steps + [database_training_transform(resize)])
+    return T.Compose(steps + [database_training_transform(resize, rand_augment)])
 
 
 class ListSampler(data.Sampler):

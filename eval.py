@@ -113,10 +113,10 @@ def elapsed(start_time):
     return timedelta(seconds=round((datetime.now() - start_time).total_seconds()))
 
 
-def main():
+def main(argv=None):
     # Setup
     start_time = datetime.now()
-    args = parser.parse_arguments()
+    args = parser.parse_arguments(argv)
     # Under torchrun every process extracts its share of the descriptors; rank 0 alone writes the run folder
     world = commons.setup_distributed(args.device)
     output_folder = on_rank_0(world, lambda: commons.make_run_folder(LOGS_FOLDER, args.save_dir, start_time))

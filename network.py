@@ -154,12 +154,17 @@ def weights_loader(weights_folder, trusted):
 
 
 def map_size(backbone, resize):
-    """(h, w) of the map `backbone` outputs for a `resize` image, from a forward pass on the meta device (no
-    computation); None when the output is not a map."""
+    """(h, w) of the map `backbone` outputs for a `resize` image, from a forward pass on the meta device (shapes
+    only, no computation; in eval mode, so that batch norms accept any size); None when it gives no map."""
     tensors = {name: torch.empty_like(value, device="meta")
                for name, value in {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}.items()}
-    with torch.no_grad():
-        output = torch.func.functional_call(backbone, tensors, (torch.empty(1, 3, *resize, device="meta"),))
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            output = torch.func.functional_call(backbone, tensors, (torch.empty(1, 3, *resize, device="meta"),))
+    finally:
+        backbone.train(was_training)
     output = output[0] if isinstance(output, tuple) else output
     return tuple(output.shape[-2:]) if output.dim() == 4 else None
 
@@ -173,6 +178,8 @@ def make_model(backbone, aggregation, *, l2="before_pool", fc_output_dim=None, p
     if message:
         raise UserInputError(message)
     backbone_entry, aggregation_entry = get_backbone(backbone), get_aggregation(aggregation)
+    if fc_output_dim is None:
+        fc_output_dim = aggregation_entry.default_fc_output_dim
     request = BackboneRequest(backbone, layout_for(backbone, aggregation), pretrain, tuple(resize),
                               option_values(backbone_entry.options, options), weights_loader(weights_folder, trusted),
                               final_norm=aggregation_entry.final_norm,

@@ -18,7 +18,9 @@ from model.parts import option_values
 from network import compatibility_error, off_the_shelf_error, options_error, pretrain_error, resize_error
 from recipes import RECIPES
 from test_methods import TEST_METHODS
-from util import OFF_THE_SHELF_MODELS, PRETRAININGS
+from model.zoo import PRETRAININGS
+from optimization import OPTIMIZERS, SCHEDULERS
+from util import OFF_THE_SHELF_MODELS
 
 REPO_FOLDER = os.path.dirname(os.path.abspath(__file__))
 # Where the demo generates its synthetic dataset; the last fallback of --datasets_folder
@@ -72,7 +74,24 @@ def build_parser():
     group.add_argument("--patience", type=int, default=3,
                        help="Stop after this many epochs without improvement of the validation R@5")
     group.add_argument("--lr", type=float, default=0.00001, help="Learning rate")
-    group.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer")
+    group.add_argument("--optim", type=str, default="adam", choices=list(OPTIMIZERS), help="Optimizer")
+    group.add_argument("--weight_decay", type=float, default=None,
+                       help="Weight decay (default: the original's, 0.001 with sgd and none with adam; 0.01 with adamw)")
+    group.add_argument("--scheduler", type=str, default="none", choices=list(SCHEDULERS),
+                       help="Learning-rate schedule: multistep multiplies it by --lr_gamma at each of --lr_milestones "
+                            "(epochs); linear goes from 1 to --lr_end_factor times --lr over --lr_decay_steps steps")
+    group.add_argument("--lr_milestones", type=int, nargs="*", default=[5, 10, 15, 25, 45], metavar="EPOCH",
+                       help="Epochs where multistep lowers the learning rate (MixVPR's)")
+    group.add_argument("--lr_gamma", type=float, default=0.3, help="Factor of multistep at each milestone (MixVPR's)")
+    group.add_argument("--lr_end_factor", type=float, default=0.2, help="Final factor of linear (SALAD's)")
+    group.add_argument("--lr_decay_steps", type=int, default=4000, help="Steps of the linear decay (SALAD's)")
+    group.add_argument("--warmup_steps", type=int, default=0,
+                       help="Optimizer steps of a linear warm-up of the learning rate, with any --scheduler")
+    group.add_argument("--train_resize", type=int, default=None, nargs=2, metavar=("H", "W"),
+                       help="Size of the training images (default: --resize)")
+    group.add_argument("--rand_augment", type=int, default=None, nargs=2, metavar=("N", "M"),
+                       help="RandAugment of the training images (queries for triplets): N operations of magnitude M, "
+                            "after the resize (the GSV-Cities methods use 3 9)")
     group.add_argument("--queries_per_epoch", type=int, default=5000,
                        help="Number of queries per epoch; must be a multiple of cache_refresh_rate")
 
@@ -230,9 +249,9 @@ def add_part_options(parser, axis, registry):
         option = declarations[0][1]
         defaults = {repr(declared.default) for _, declared in declarations}
         help_text = option.help
-        if len(defaults) > 1:
+        if len(defaults) > 1:  # (%(default).0s prints nothing: it stops argparse from adding "default: None")
             help_text += " (default: " + ", ".join(f"{declared.default} with {name}"
-                                                   for name, declared in declarations) + ")"
+                                                   for name, declared in declarations) + ")%(default).0s"
         groups[title].add_argument(f"--{flag}", type=option.type, default=option.default if len(defaults) == 1 else None,
                                    help=help_text, choices=option.choices, nargs=option.nargs, metavar=option.metavar)
 
@@ -242,11 +261,14 @@ def _chosen_parts(args):
 
 
 def fill_part_defaults(args):
-    """Flags left at None take the default that the chosen recipe, backbone or aggregation declares."""
+    """Flags left at None take the default that the chosen recipe, backbone or aggregation declares (and
+    --fc_output_dim the aggregation's own final layer, if it has one)."""
     for registry, name in _chosen_parts(args):
         for flag, value in option_values(registry[name].options, args).items():
             if getattr(args, flag, None) is None:
                 setattr(args, flag, value)
+    if args.fc_output_dim is None:
+        args.fc_output_dim = AGGREGATIONS[args.aggregation].default_fc_output_dim
 
 
 def _check_part_options(parser, args):
@@ -266,9 +288,10 @@ def _check_part_options(parser, args):
 
 
 POSITIVE_INT_FLAGS = ("train_batch_size", "infer_batch_size", "epochs_num", "patience", "queries_per_epoch",
-                      "val_positive_dist_threshold", "train_positives_dist_threshold")
+                      "val_positive_dist_threshold", "train_positives_dist_threshold", "lr_decay_steps")
 OPTIONAL_POSITIVE_INT_FLAGS = ("pca_dim", "fc_output_dim")
-NON_NEGATIVE_FLAGS = ("num_workers", "brightness", "contrast", "saturation", "random_rotation")
+NON_NEGATIVE_FLAGS = ("num_workers", "brightness", "contrast", "saturation", "random_rotation", "warmup_steps",
+                      "lr_gamma", "lr_end_factor")
 
 
 def _check_values(parser, args):
@@ -285,8 +308,15 @@ def _check_values(parser, args):
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if min(args.resize) < 1:
-        parser.error(f"--resize needs two positive integers H W, got {args.resize[0]} {args.resize[1]}")
+    for name in ("resize", "train_resize"):
+        size = getattr(args, name)
+        if size is not None and min(size) < 1:
+            parser.error(f"--{name} needs two positive integers H W, got {size[0]} {size[1]}")
+    if args.weight_decay is not None and args.weight_decay < 0:
+        parser.error(f"--weight_decay must not be negative, got {args.weight_decay}")
+    if args.rand_augment is not None and (args.rand_augment[0] < 1 or not 0 <= args.rand_augment[1] <= 30):
+        parser.error(f"--rand_augment N M needs N >= 1 operations and a magnitude M in 0..30, got "
+                     f"{' '.join(map(str, args.rand_augment))}")
     if min(args.recall_values) < 1:
         parser.error(f"--recall_values must be positive integers, got {' '.join(map(str, args.recall_values))}")
     if not 0 <= args.hue <= 0.5:
@@ -382,4 +412,5 @@ def parse_arguments(argv=None, require_dataset=True):
     # Matching two image folders needs no dataset
     args.datasets_folder = resolve_datasets_folder(parser, args, require_dataset and args.queries_folder is None)
     args.recall_values = sorted(set(args.recall_values))
+    args.train_resize = args.train_resize or list(args.resize)
     return args

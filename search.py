@@ -14,15 +14,15 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import faiss
 import numpy as np
 
 from commons import UserInputError, progress_bar, write_atomically
 from descriptor_store import sha256_of_strings
-from indexes import (DEFAULT_MAX_PQ_BYTES, DEFAULT_MAX_RAM_GB, FAISS_INDEXES, PQ_CENTROIDS,  # noqa: F401 (FAISS_INDEXES)
-                     TRAIN_VECTORS_PER_CENTROID, IndexParams, get_index_type)
+from indexes import (DEFAULT_MAX_PQ_BYTES, DEFAULT_MAX_RAM_GB, PQ_CENTROIDS, TRAIN_VECTORS_PER_CENTROID, IndexParams,
+                     get_index_type)
 
 GIB = 1024 ** 3
 # faiss' BLAS buffers, Python and NumPy temporaries: kept out of the budget's share for descriptors
@@ -297,6 +297,10 @@ def load_built_index(folder):
     return built if all(os.path.exists(built.part_path(p)) for p in range(len(built.ranges))) else None
 
 
+def _index_writer(index):
+    return lambda file: faiss.write_index(index, faiss.PyCallbackIOWriter(file.write))
+
+
 def build_index(name, params, database, max_ram_gb, folder):
     """Train (on a sample) and fill index `name` with the `database` vectors (a DescriptorShards or
     InMemoryRows of [rows, dim]), in parts of at most half the budget each, saved in `folder`/<name>_<hash>/.
@@ -332,8 +336,7 @@ def build_index(name, params, database, max_ram_gb, folder):
             index.add(block)
             bar.update(len(block))
             del block  # before the next one is read
-        write_atomically(built.part_path(part),
-                         lambda file: faiss.write_index(index, faiss.PyCallbackIOWriter(file.write)))
+        write_atomically(built.part_path(part), _index_writer(index))
         built.ranges.append((part_start, part_end))
         del index
     bar.close()

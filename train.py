@@ -22,6 +22,7 @@ import commons
 import datasets_ws
 import memory_allocator
 import network
+import optimization
 import parser
 import results
 import test
@@ -44,23 +45,6 @@ def autocast_dtype(use_amp, device):
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16  # CPU autocast supports bfloat16
-
-
-def make_optimizer(args, model, trained_modules=()):
-    """Adam or SGD over the trainable parameters of the model and of the recipe's `trained_modules`; an
-    aggregation may give its own parameter groups and learning rates (CRN)."""
-    groups = network.optimizer_groups(model, args)
-    if groups is None:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}]
-    elif args.optim == "adam":
-        logging.info(f"You're using {args.aggregation} with Adam, it is advised to use SGD")
-    groups += [{"params": [p for p in module.parameters() if p.requires_grad], "lr": args.lr}
-               for module in trained_modules]
-    if args.optim == "adam":
-        return torch.optim.Adam(groups)
-    if args.optim == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, weight_decay=0.001)
-    raise UserInputError(f"Unknown --optim {args.optim}; valid names: adam, sgd")
 
 
 def load_resume(args, model):
@@ -109,6 +93,10 @@ def run(args, world):
     if BEST_MODEL_RECALL not in args.recall_values:
         raise UserInputError(f"Training keeps the model with the best R@{BEST_MODEL_RECALL}: add {BEST_MODEL_RECALL} "
                              f"to --recall_values (now {' '.join(map(str, args.recall_values))})")
+    recipe_entry = RECIPES[args.recipe]
+    message = recipe_entry.run_check(args, world) if recipe_entry.run_check else None
+    if message:
+        raise UserInputError(message)
     is_main = world.rank == 0
     output_folder = commons.make_run_folder("logs", args.save_dir, start_time) if is_main else None
     output_folder = commons.broadcast_object(output_folder, world)
@@ -129,7 +117,7 @@ def run(args, world):
 
     #### Datasets: the recipe's training data, the val and test splits
     logging.debug(f"Loading dataset {args.dataset_name} from folder {args.datasets_folder}")
-    recipe = RECIPES[args.recipe].make(args, world, device, amp_dtype)
+    recipe = recipe_entry.make(args, world, device, amp_dtype)
     val_ds = datasets_ws.GeoDataset(args.datasets_folder, args.dataset_name, "val", args.val_positive_dist_threshold)
     logging.info(f"Val set: {val_ds}")
     test_ds = datasets_ws.GeoDataset(args.datasets_folder, args.dataset_name, "test", args.val_positive_dist_threshold)
@@ -149,10 +137,11 @@ def run(args, world):
     if world.world_size > 1 and device.type == "cuda":
         # Batch statistics over the whole batch, as one process would compute them
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for module in recipe.trained_modules():
+    for module, _ in recipe.trained_modules():
         module.to(device)
-    optimizer = make_optimizer(args, model, recipe.trained_modules())
+    optimizer = optimization.make_optimizer(args, model, recipe.trained_modules())
     grad_scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step = optimization.TrainingStep(args, optimizer, grad_scaler)
 
     #### Where to start: a training checkpoint continues from its next epoch, with the recipe's state
     best_r5, start_epoch_num, not_improved_num = 0.0, 0, 0
@@ -160,6 +149,7 @@ def run(args, world):
         start_epoch_num, best_r5, not_improved_num = checkpoint.resume_point(resume_state)
         recipe.load_state_dict(checkpoint.recipe_state(resume_state, args.recipe))
         checkpoint.load_optimizer_state(optimizer, resume_state, args.optim, resume_path)
+        step.load_state_dict(resume_state.get("training_step_state") or {})
         if resume_state.get("grad_scaler_state_dict") and grad_scaler.is_enabled():
             grad_scaler.load_state_dict(resume_state["grad_scaler_state_dict"])
         logging.info(f"Resuming from epoch {start_epoch_num} with best R@{BEST_MODEL_RECALL} {best_r5:.1f}")
@@ -184,7 +174,8 @@ def run(args, world):
     for epoch_num in range(start_epoch_num, args.epochs_num):
         logging.info(f"Start training epoch: {epoch_num:02d}")
         epoch_start_time = datetime.now()
-        summary = recipe.train_epoch(model, raw_model, optimizer, grad_scaler, epoch_num)
+        step.epoch = epoch_num
+        summary = recipe.train_epoch(model, raw_model, step, epoch_num)
         epoch_details += summary.details
         logging.info(f"Finished epoch {epoch_num:02d} in {str(datetime.now() - epoch_start_time)[:-7]}, "
                      f"average epoch {recipe.loss_name} loss = {summary.loss:.4f}")
@@ -206,7 +197,8 @@ def run(args, world):
             state = checkpoint.training_state(
                 model=raw_model, optimizer=optimizer, epoch_num=epoch_num, best_r5=best_r5,
                 not_improved_num=not_improved_num, recalls=recalls, optim=args.optim, recipe=args.recipe,
-                recipe_state=recipe.state_dict(), grad_scaler=grad_scaler if grad_scaler.is_enabled() else None)
+                recipe_state=recipe.state_dict(), grad_scaler=grad_scaler if grad_scaler.is_enabled() else None,
+                training_step_state=step.state_dict())
             if is_best:
                 checkpoint.save_checkpoint(state, os.path.join(output_folder, BEST_MODEL_FILENAME))
             checkpoint.save_checkpoint(state, os.path.join(output_folder, LAST_MODEL_FILENAME))

@@ -15,7 +15,6 @@ import checkpoint
 from checkpoint import CheckpointError
 from commons import UserInputError, temporary_path, write_atomically
 from model import zoo
-from model.zoo import PRETRAININGS  # noqa: F401  (the --pretrain choices, with OFF_THE_SHELF_MODELS below)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ REPO_FOLDER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_FOLDER)
 
 import descriptor_store  # noqa: E402
+import extraction  # noqa: E402
+import indexes  # noqa: E402
+import metrics  # noqa: E402
 import search  # noqa: E402
-import extraction
-import metrics
 from commons import UserInputError  # noqa: E402
 from measurement import MIB, PeakResidentSet, load_average, markdown_table  # noqa: E402
 
@@ -72,7 +73,6 @@ def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
     import make_synthetic_dataset
     import network
     import parser as vg_parser
-    import test as vg_test
     datasets_folder = os.path.join(work_folder, "datasets")
     make_synthetic_dataset.generate_dataset(
         datasets_folder, "synthetic", seed=seed, train_database_num=1, train_queries_num=1, train_far_queries_num=0,
@@ -155,7 +155,6 @@ def benchmark(data_name, database, queries, index_params, max_ram_gb, work_folde
 
 
 def geographic_recalls(predictions, dataset):
-    import test as vg_test
     recalls = metrics.compute_recalls(predictions, dataset.soft_positives_per_query, [1, 5])
     return {"geo_R@1": float(recalls[0]), "geo_R@5": float(recalls[1])}
 
@@ -181,8 +180,8 @@ def build_parser():
     parser.add_argument("--spread", type=float, default=0.5, help="standard deviation around the centres")
     parser.add_argument("--k", type=int, default=max(RECALL_NS), help="neighbours searched")
     parser.add_argument("--max_ram_gb", type=float, default=2.0, help="memory budget of the search")
-    parser.add_argument("--indexes", nargs="+", default=[n for n in search.FAISS_INDEXES if n != "flat"],
-                        choices=[n for n in search.FAISS_INDEXES if n != "flat"],
+    parser.add_argument("--indexes", nargs="+", default=[n for n in indexes.FAISS_INDEXES if n != "flat"],
+                        choices=[n for n in indexes.FAISS_INDEXES if n != "flat"],
                         help="approximate indexes to compare with the exact search")
     parser.add_argument("--ivf_lists", type=int, default=1024, help="lists of ivf / ivfpq (synthetic data)")
     parser.add_argument("--ivf_probes", type=int, default=search.IndexParams.ivf_probes)

@@ -32,11 +32,6 @@ PRETRAINED_NETS_GOOGLE_DRIVE_IDS = {
 }
 
 # ----------------------------------------------------------------------------------------------------------
-# CCT-14/7x2-384 ImageNet weights (SHI-Labs), through torch.hub's URL loader (cached under TORCH_HOME)
-
-CCT384_IMAGENET_URL = "https://shi-labs.com/projects/cct/checkpoints/finetuned/cct_14_7x2_384_imagenet.pth"
-
-# ----------------------------------------------------------------------------------------------------------
 # --off_the_shelf: ResNet conv5 + GeM + FC 2048 models trained for landmark retrieval, stored under
 # <weights folder>/off_the_shelf_nets/
 
@@ -83,6 +78,7 @@ class ZooModel:
     train_set: str  # "pitts30k" or "msls"
     mining: Optional[str] = None  # only the README's mining table states it
     fc_output_dim: Optional[int] = None
+    resize: Optional[tuple] = None  # transformers are trained at one size
 
     @property
     def link(self):
@@ -93,14 +89,15 @@ class ZooModel:
         flags = {"backbone": self.backbone, "aggregation": self.aggregation}
         if self.fc_output_dim is not None:
             flags["fc_output_dim"] = self.fc_output_dim
-        if self.backbone == "cct384":
-            flags["resize"] = [384, 384]
+        if self.resize is not None:
+            flags["resize"] = list(self.resize)
         return flags
 
 
 # The README's "resnet18/50/101" models are the default cut of the benchmark, conv4.
 _ARCHITECTURES = {"resnet18": "resnet18conv4", "resnet50": "resnet50conv4", "resnet101": "resnet101conv4",
-                  "vgg16": "vgg16", "cct384": "cct384"}
+                  "vgg16": "vgg16", "cct384": "cct384", "vit224": "vit"}
+_RESIZES = {"cct384": (384, 384), "vit224": (224, 224)}
 
 # (README model name, Google Drive id trained on pitts30k, id trained on msls); None where not released.
 # Names are "<model>-<training set>", or "<model>-<mining>-<training set>" for the mining table.
@@ -115,6 +112,7 @@ _README_TABLES = [
     ("resnet50-netvlad", "1KL8HoAApOjJFETin7Q7u7IcsOvroKlSj", "1krf0A6CeW8GqLqHWZ7dlSNJ9aTJ4dotF"),
     ("resnet101-netvlad", "1064kDJ0LPyWoU7J4bMvAa0lTNEhAEi8v", "1rtPfsgfJ2Zoxs5uu7Ph1_qc7q-hIxJek"),
     ("cct384-netvlad", "1Rx0oG4PG9bEraIg4y7e6Z24Q6b_TGr5u", "1wDZ6XRVYz6bcGe_p3Iiz2NfIe9MmZZMN"),
+    ("vit224-cls", None, "1mPiIqFKnW1HWtXqKJhLLmIgMWoV14auG"),
     # The README links the same pitts30k file for resnet50-gem-fc2048 and resnet50-netvlad-partial;
     # loading tells which one it is (the keys of a NetVLAD and of a GeM+FC model differ).
     ("resnet50-gem-fc2048", "1GCbE4gzcRXMH8ETD2YCPo0I3suAXDr-y", "1oSf11wAxaoEbjLnjfX0EWZ65dgccwdDD"),
@@ -138,23 +136,23 @@ MINING_NAMES = ("random", "full", "partial")
 
 
 def _parse_readme_name(model_name):
-    """'resnet50-gem-fc2048' -> (backbone, aggregation, fc_output_dim, mining)."""
+    """'resnet50-gem-fc2048' -> (backbone, aggregation, fc_output_dim, mining, resize)."""
     fields = model_name.split("-")
     architecture, aggregation, rest = fields[0], fields[1], fields[2:]
     fc_output_dim = int(rest.pop(0)[len("fc"):]) if rest and rest[0].startswith("fc") else None
     mining = rest.pop(0) if rest and rest[0] in MINING_NAMES else None
     assert not rest, f"unparsed model zoo name {model_name}"
-    return _ARCHITECTURES[architecture], aggregation, fc_output_dim, mining
+    return _ARCHITECTURES[architecture], aggregation, fc_output_dim, mining, _RESIZES.get(architecture)
 
 
 def _build_model_zoo():
     zoo = {}
     for model_name, pitts30k_id, msls_id in _README_TABLES:
-        backbone, aggregation, fc_output_dim, mining = _parse_readme_name(model_name)
+        backbone, aggregation, fc_output_dim, mining, resize = _parse_readme_name(model_name)
         for train_set, file_id in (("pitts30k", pitts30k_id), ("msls", msls_id)):
             if file_id is not None:
                 zoo[f"{model_name}-{train_set}"] = ZooModel(file_id, backbone, aggregation, train_set,
-                                                            mining, fc_output_dim)
+                                                            mining, fc_output_dim, resize)
     return zoo
 
 

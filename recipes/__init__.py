@@ -5,5 +5,5 @@ from recipes import triplets
 from recipes.base import RecipeEntry
 
 RECIPES = {
-    "triplets": RecipeEntry(triplets.TripletsRecipe, triplets.OPTIONS, triplets.check),
+    "triplets": RecipeEntry(triplets.TripletsRecipe, triplets.OPTIONS, triplets.check, triplets.run_check),
 }

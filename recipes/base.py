@@ -2,12 +2,14 @@
 
 A recipe is made once per run with make(args, world, device, amp_dtype) and then gives:
   images_dataset          training images (items (tensor, index)) for the aggregation's initialisation
-  trained_modules()       modules it trains beside the model (e.g. classifiers), each optimised with the model
-  train_epoch(model, raw_model, optimizer, grad_scaler, epoch_num) -> EpochSummary
-                          `model` may be wrapped by DistributedDataParallel, `raw_model` never is
+  trained_modules()       (module, learning rate) pairs it trains beside the model (e.g. classifiers)
+  train_epoch(model, raw_model, step, epoch_num) -> EpochSummary
+                          `model` may be wrapped by DistributedDataParallel, `raw_model` never is; `step(loss)`
+                          is the optimisation step (optimization.TrainingStep: backward, schedule, optimizer)
   state_dict() / load_state_dict(state)
                           what a checkpoint keeps to continue the run exactly (sampler position, classifiers)
-train.py owns everything else: the model, the optimizer, validation, checkpoints, patience and the final test.
+train.py owns everything else: the model, the optimizer and schedule, validation, checkpoints, patience and the
+final test.
 """
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
@@ -19,10 +21,12 @@ from model.parts import Option
 
 @dataclass(frozen=True)
 class RecipeEntry:
-    """One --recipe: how to make it, its own options (argparse flags), and a check of the flags."""
+    """One --recipe: how to make it, its own options (argparse flags), a check of the flags (by the parser) and
+    one of the flags with the processes (by train.py, before it writes anything)."""
     make: Callable
     options: Tuple[Option, ...] = ()
     check: Optional[Callable] = None  # args -> error message or None
+    run_check: Optional[Callable] = None  # (args, world) -> error message or None
 
 
 @dataclass
@@ -31,14 +35,6 @@ class EpochSummary:
     loss: float
     batches_num: int
     details: list = field(default_factory=list)
-
-
-def optimizer_step(loss, optimizer, grad_scaler):
-    """Backward pass and step, with the loss scaling of float16 autocast when `grad_scaler` is enabled."""
-    optimizer.zero_grad(set_to_none=True)
-    grad_scaler.scale(loss).backward()
-    grad_scaler.step(optimizer)
-    grad_scaler.update()
 
 
 class LossMeter:

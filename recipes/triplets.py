@@ -12,7 +12,6 @@ import numpy as np
 import torch
 import torch.utils.data as data
 import torchvision.transforms as T
-from torch.utils.data import DataLoader
 
 import commons
 import datasets_ws
@@ -20,7 +19,7 @@ import mining
 from commons import UserInputError
 from model.losses import LOSSES
 from model.parts import Option
-from recipes.base import EpochSummary, LossMeter, optimizer_step
+from recipes.base import EpochSummary, LossMeter
 
 OPTIONS = (
     Option("criterion", str, "triplet", "Loss to be used", choices=tuple(LOSSES)),
@@ -40,6 +39,16 @@ def check(args):
     if args.mining == "msls_weighted" and args.dataset_name != "msls":
         return (f"--mining msls_weighted needs the msls dataset (it reads MSLS file-name notes), but --dataset_name "
                 f"is {args.dataset_name}: use another --mining")
+    return None
+
+
+def run_check(args, world):
+    if args.train_batch_size % world.world_size != 0:
+        return (f"--train_batch_size {args.train_batch_size} must be a multiple of the number of processes "
+                f"({world.world_size}), which share each batch")
+    if args.cache_refresh_rate < args.train_batch_size:
+        return (f"--cache_refresh_rate {args.cache_refresh_rate} is smaller than --train_batch_size "
+                f"{args.train_batch_size}: no full batch could be trained. Raise the first or lower the second")
     return None
 
 
@@ -107,20 +116,6 @@ def split_triplets_features(features, groups_num):
     return features[:, 0], features[:, 1], features[:, 2:]
 
 
-def triplets_collate_fn(batch):
-    """Stack B groups of images into [B * (2 + negatives), 3, H, W] (each group contiguous: query, positive,
-    negatives) and their rows into [B, 2 + negatives]."""
-    images = torch.cat([images for images, _ in batch])
-    triplets = torch.stack([triplet for _, triplet in batch])
-    return images, triplets
-
-
-def split_triplets_features(features, groups_num):
-    """Model outputs of a triplets batch [B * (2 + N), D] -> queries [B, D], positives [B, D], negatives [B, N, D]."""
-    features = features.view(groups_num, -1, features.shape[-1])
-    return features[:, 0], features[:, 1], features[:, 2:]
-
-
 def process_share_of_batches(triplets, batch_size, rank, world_size):
     """The triplet rows process `rank` trains on: of each batch of `batch_size` consecutive rows (an
     incomplete last batch is dropped), its contiguous batch_size / world_size rows, as tuples."""
@@ -154,8 +149,7 @@ def refresh_triplets(miner, extractor, model, queries_count, images_num, world, 
     return triplets
 
 
-def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, margin, horizontal_flip, device,
-                      amp_dtype):
+def train_on_triplets(model, loader, step, loss_function, margin, horizontal_flip, device, amp_dtype):
     """One pass over the mined groups. Returns the LossMeter of its batches."""
     model.train()
     meter = LossMeter(device)
@@ -166,7 +160,7 @@ def train_on_triplets(model, loader, optimizer, grad_scaler, loss_function, marg
             features = model(images.to(device, non_blocking=True))
         queries, positives, negatives = split_triplets_features(features.float(), len(triplets))
         loss = loss_function(queries, positives, negatives, margin)
-        optimizer_step(loss, optimizer, grad_scaler)
+        step(loss)
         meter.add(loss)
     return meter
 
@@ -177,24 +171,17 @@ class TripletsRecipe:
     details_name = "refresh_timings"  # seconds of caching, mining and training of each refresh, in results.json
 
     def __init__(self, args, world, device, amp_dtype):
-        if args.train_batch_size % world.world_size != 0:
-            raise UserInputError(f"--train_batch_size {args.train_batch_size} must be a multiple of the number of "
-                                 f"processes ({world.world_size}), which share each batch")
-        if args.cache_refresh_rate < args.train_batch_size:
-            raise UserInputError(f"--cache_refresh_rate {args.cache_refresh_rate} is smaller than --train_batch_size "
-                                 f"{args.train_batch_size}: no full batch could be trained. Raise the first or lower "
-                                 "the second")
         self.args, self.world, self.device, self.amp_dtype = args, world, device, amp_dtype
         query_transform = datasets_ws.query_training_transform(
-            args.resize, args.brightness, args.contrast, args.saturation, args.hue, args.rand_perspective,
-            args.random_resized_crop, args.random_rotation)
+            args.train_resize, args.brightness, args.contrast, args.saturation, args.hue, args.rand_perspective,
+            args.random_resized_crop, args.random_rotation, args.rand_augment)
         self.dataset = TripletsDataset(
-            args.datasets_folder, args.dataset_name, "train", resize=args.resize,
+            args.datasets_folder, args.dataset_name, "train", resize=args.train_resize,
             hard_positives_dist_threshold=args.train_positives_dist_threshold,
             soft_positives_dist_threshold=args.val_positive_dist_threshold, query_transform=query_transform)
         logging.info(f"Train query set: {self.dataset}")
         self.images_dataset = datasets_ws.ImagesDataset(self.dataset.images_paths, datasets_ws.hard_resize,
-                                                        args.resize)
+                                                        args.train_resize)
         self.miner = mining.make_miner(args.mining, self.dataset, args.negs_num_per_query, args.neg_samples_num)
         self.queries_per_refresh = args.cache_refresh_rate
         if self.queries_per_refresh > self.dataset.queries_num:
@@ -218,7 +205,7 @@ class TripletsRecipe:
                                        collate_fn=triplets_collate_fn, drop_last=True, generator=generator,
                                        persistent_workers=self.args.num_workers > 0)
 
-    def train_epoch(self, model, raw_model, optimizer, grad_scaler, epoch_num):
+    def train_epoch(self, model, raw_model, step, epoch_num):
         args, world = self.args, self.world
         loops_num = math.ceil(args.queries_per_epoch / args.cache_refresh_rate)
         loss_sum, batches_num, refreshes = 0.0, 0, []
@@ -231,8 +218,8 @@ class TripletsRecipe:
             self.sampler.items = process_share_of_batches(triplets, args.train_batch_size, world.rank,
                                                           world.world_size)
             training_start = time.perf_counter()
-            meter = train_on_triplets(model, loader, optimizer, grad_scaler, self.loss_function, args.margin,
-                                      args.horizontal_flip, self.device, self.amp_dtype)
+            meter = train_on_triplets(model, loader, step, self.loss_function, args.margin, args.horizontal_flip,
+                                      self.device, self.amp_dtype)
             # Images of every process (each trained on its share of the same batches)
             refresh.update(training_seconds=time.perf_counter() - training_start,
                            trained_images=meter.batches_num * args.train_batch_size * triplets.shape[1])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import network
 import util
-import checkpoint
 
 ORIGINAL_KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "seed_state_dict_keys.json")
 

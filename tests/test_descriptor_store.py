@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 import descriptor_store
+import extraction
 import search
 import test as vg_test
-import extraction
 import test_methods
 from commons import UserInputError
 

@@ -64,7 +64,7 @@ def test_two_gloo_processes_train_with_one_writer(tmp_path, datasets_folder):
     assert result.stdout.count("RESULT {") == 1
 
     # The sharded test equals one process's test of the same weights
-    import checkpoint, datasets_ws, network, parser, test, util  # noqa: E401 (the model side, after the run)
+    import checkpoint, datasets_ws, network, parser, test  # noqa: E401 (the model side, after the run)
     args = parser.parse_arguments(["--datasets_folder", datasets_folder, *FLAGS])
     model = network.build_model(args)
     best = os.path.join(run_folders[0], "best_model.pth")

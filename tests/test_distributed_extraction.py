@@ -20,7 +20,7 @@ FLAGS = ["--pretrain", "none", "--resize", "64", "80", "--backbone", "resnet18co
 DRIVER = f"""
 import os, sys
 sys.path.insert(0, {REPO!r})
-import descriptor_store, test
+import descriptor_store, extraction
 extraction.MAX_SHARD_BYTES = 1
 write_shard = descriptor_store.DescriptorShards.write_shard
 def recorded(self, shard, descriptors):
@@ -29,7 +29,6 @@ def recorded(self, shard, descriptors):
         file.write(os.path.basename(self.folder) + " " + str(shard) + "\\n")
 descriptor_store.DescriptorShards.write_shard = recorded
 import commons, eval
-import extraction
 commons.exit_on_user_error(eval.main)
 """
 

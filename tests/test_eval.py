@@ -17,10 +17,10 @@ from PIL import Image
 
 import datasets_ws
 import eval as vg_eval
+import metrics
 import network
 import results
 import test as vg_test
-import metrics
 from commons import UserInputError
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ from model.aggregations import AGGREGATIONS, AggregationEntry
 from model.backbones import BACKBONES, BackboneEntry
 from model.parts import MAP, Features, Option
 from recipes import RECIPES
-from recipes.base import EpochSummary, LossMeter, RecipeEntry, optimizer_step
+from recipes.base import EpochSummary, LossMeter, RecipeEntry
 
 RESIZE = ["16", "16"]
 
@@ -82,7 +82,7 @@ class PairsRecipe:
         distances = torch.cdist(torch.tensor(self.utms[indices]), torch.tensor(self.utms[indices]))
         return images, distances <= self.args.train_positives_dist_threshold
 
-    def train_epoch(self, model, raw_model, optimizer, grad_scaler, epoch_num):
+    def train_epoch(self, model, raw_model, step, epoch_num):
         model.train()
         meter = LossMeter(self.device)
         for _ in range(self.args.toy_batches):
@@ -90,7 +90,7 @@ class PairsRecipe:
             descriptors = model(images.to(self.device))
             distances = torch.cdist(descriptors, descriptors)
             loss = torch.where(positives, distances ** 2, F.relu(0.5 - distances) ** 2).mean()
-            optimizer_step(loss, optimizer, grad_scaler)
+            step(loss)
             meter.add(loss)
         return EpochSummary(meter.mean, meter.batches_num, [{"epoch": epoch_num, "position": self.position}])
 

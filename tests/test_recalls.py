@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import datasets_ws
-import test as vg_test
 import metrics
 
 CORRIDOR = os.path.join(os.path.dirname(__file__), "data", "realdata", "vprbench_corridor")

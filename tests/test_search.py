@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import descriptor_store
+import indexes
 import search
 from commons import UserInputError
 
@@ -101,9 +102,9 @@ def test_a_built_index_is_saved_and_reused_whatever_the_search_parameters(data, 
 
     def no_build(*args):
         raise AssertionError("the saved index should have been reused")
-    monkeypatch.setitem(search.FAISS_INDEXES, "ivf", search.FAISS_INDEXES["ivf"].__class__(
-        build=no_build, bytes_per_vector=search.FAISS_INDEXES["ivf"].bytes_per_vector,
-        configure=search.FAISS_INDEXES["ivf"].configure, trained=True))
+    monkeypatch.setitem(indexes.FAISS_INDEXES, "ivf", indexes.FAISS_INDEXES["ivf"].__class__(
+        build=no_build, bytes_per_vector=indexes.FAISS_INDEXES["ivf"].bytes_per_vector,
+        configure=indexes.FAISS_INDEXES["ivf"].configure, trained=True))
     again = search.search_descriptors(database, queries, 10, settings("ivf", ivf_lists=16, ivf_probes=2),
                                       str(tmp_path))
     np.testing.assert_array_equal(again.predictions, first.predictions)

@@ -19,14 +19,13 @@ from PIL import Image
 
 import commons
 import datasets_ws
+import extraction
 import mining
 import network
 import parser as vg_parser
-import test as vg_test
-import train
-import extraction
-import test_methods
 import recipes.triplets as triplets_recipe
+import test as vg_test
+import test_methods
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REALDATA = os.path.join(os.path.dirname(__file__), "data", "realdata")

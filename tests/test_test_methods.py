@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 import datasets_ws
-import test as vg_test
 import extraction
 import metrics
+import test as vg_test
 import test_methods
 from commons import UserInputError
 

@@ -215,10 +215,10 @@ def _args(*flags):
 @pytest.mark.parametrize("optim", ["adam", "sgd"])
 def test_optimizer_takes_the_trainable_parameters(optim):
     import network
-    import train
+    import optimization
     args = _args("--optim", optim, "--lr", "0.01")
     model = network.make_model("resnet18conv4", "gem", pretrain="none", resize=(32, 48))
-    optimizer = train.make_optimizer(args, model)
+    optimizer = optimization.make_optimizer(args, model)
     params = optimizer.param_groups[0]["params"]
     assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["lr"] == 0.01
     assert {id(p) for p in params} == {id(p) for p in model.parameters() if p.requires_grad}
@@ -230,11 +230,11 @@ def test_optimizer_takes_the_trainable_parameters(optim):
 @pytest.mark.parametrize("optim", ["adam", "sgd"])
 def test_crn_has_its_own_learning_rate(optim):
     import network
-    import train
+    import optimization
     args = _args("--aggregation", "crn", "--resume", "x.pth", "--optim", optim, "--lr_crn_layer", "0.5",
                  "--lr_crn_net", "0.05")
     model = network.make_model("resnet18conv4", "crn", netvlad_clusters=8, pretrain="none", resize=(32, 48))
-    crn_group, net_group = train.make_optimizer(args, model).param_groups
+    crn_group, net_group = optimization.make_optimizer(args, model).param_groups
     crn_ids = {id(p) for p in model.aggregation.crn.parameters() if p.requires_grad}
     assert {id(p) for p in crn_group["params"]} == crn_ids and crn_group["lr"] == 0.5
     assert net_group["lr"] == 0.05 and not crn_ids & {id(p) for p in net_group["params"]}

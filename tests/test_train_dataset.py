@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torchvision.transforms as T
 from PIL import Image
 
 import datasets_ws

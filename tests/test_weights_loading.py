@@ -11,9 +11,9 @@ import pytest
 import torch
 import torchvision
 
+import checkpoint
 import network
 import util
-import checkpoint
 from model import zoo
 from model.backbones import cct
 
@@ -154,7 +154,7 @@ def test_model_zoo_names_and_flags():
     assert zoo.MODEL_ZOO["cct384-netvlad-msls"].flags()["resize"] == [384, 384]
     assert zoo.MODEL_ZOO["resnet50-crn-pitts30k"].aggregation == "crn"
     assert "resnet18-netvlad-full-msls" not in zoo.MODEL_ZOO  # not released
-    assert len(zoo.MODEL_ZOO) == 46
+    assert len(zoo.MODEL_ZOO) == 47  # the README's 46 and the ViT(224)-CLS of its model zoo
     for entry in zoo.MODEL_ZOO.values():
         assert network.compatibility_error(entry.backbone, entry.aggregation) is None
 
@@ -276,7 +276,7 @@ def test_naver_zip_with_an_old_sklearn_pickle_loads_without_running_it(offline, 
 
 def test_off_the_shelf_registry():
     assert list(util.OFF_THE_SHELF_MODELS) == ["imagenet", "radenovic_sfm", "radenovic_gldv1", "naver"]
-    assert util.PRETRAININGS == ("imagenet", "places", "gldv2", "none")
+    assert zoo.PRETRAININGS == ("imagenet", "places", "gldv2", "none")
     with pytest.raises(util.UserInputError, match="radenovic_sfm, radenovic_gldv1, naver"):
         util.off_the_shelf_path("imagenet", "resnet50conv5", "data")
     with pytest.raises(util.UserInputError, match="No radenovic_gldv1 model for --backbone resnet50conv4"):
