@@ -91,7 +91,7 @@ def _load_weights_only(path):
 
 
 def load_checkpoint(path, trusted=False):
-    """torch.load a file safely (weights_only, on the CPU) with clear errors.
+    """torch.load a file safely (weights_only, on the CPU) with clear errors; a .safetensors file is read as one.
 
     A file that needs arbitrary code to unpickle (objects other than tensors, containers, numbers,
     strings and NumPy arrays) is refused, unless `trusted` (the --trust_checkpoint flag).
@@ -100,6 +100,8 @@ def load_checkpoint(path, trusted=False):
         raise CheckpointError(f"Checkpoint {path} does not exist; check the path")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"Checkpoint {path} is empty (an interrupted download or copy?); fetch it again")
+    if path.endswith(".safetensors"):
+        return load_safetensors(path)
     try:
         return _load_weights_only(path)
     except Exception as error:
@@ -140,9 +142,20 @@ def extract_state_dict(checkpoint, source):
     return checkpoint
 
 
+def load_safetensors(path):
+    """The tensors of a safetensors file (a flat name -> tensor map: no pickle, nothing to trust)."""
+    from safetensors.torch import load_file  # imported here: only MegaLoc's file needs it
+    try:
+        return collections.OrderedDict(load_file(path, device="cpu"))
+    except Exception as error:
+        raise CheckpointError(f"Cannot read {path} as a safetensors file: it is truncated, corrupted or not one "
+                              f"({type(error).__name__}: {error}); if it was downloaded, delete it to download it "
+                              "again") from error
+
+
 def load_state_dict_file(path, trusted=False):
-    """Read a checkpoint file and return the model's state dict from it (see read_checkpoint and
-    extract_state_dict)."""
+    """Read a checkpoint file and return the model's state dict from it
+    (see load_checkpoint and extract_state_dict)."""
     return extract_state_dict(load_checkpoint(path, trusted=trusted), path)
 
 
@@ -159,9 +172,10 @@ def registered_hints(missing, unexpected):
             for hint in hints(missing, unexpected)]
 
 
-def describe_state_dict_mismatch(model_state_dict, state_dict, hints=None):
+def describe_state_dict_mismatch(model_state_dict, state_dict, hints=None, file_names=None):
     """None if `state_dict` fits `model_state_dict` exactly (same keys and shapes), else a message; `hints`
-    (missing, unexpected) -> flag fixes (default: every registered part's)."""
+    (missing, unexpected) -> flag fixes (default: every registered part's); `file_names` {key: its name in the
+    file} for a state dict mapped from another layout, so that the message names the file's keys."""
     missing = [key for key in model_state_dict if key not in state_dict]
     unexpected = [key for key in state_dict if key not in model_state_dict]
     wrong_shapes = [key for key in model_state_dict
@@ -179,22 +193,27 @@ def describe_state_dict_mismatch(model_state_dict, state_dict, hints=None):
                      f"{', '.join(missing[:5])}")
     if unexpected:
         parts.append(f"{len(unexpected)} keys of the checkpoint are not in the model, the first: "
-                     f"{', '.join(unexpected[:5])}")
+                     f"{', '.join((file_names or {}).get(key, key) for key in unexpected[:5])}")
     fixes = (hints or registered_hints)(missing, unexpected)
     if fixes:
         parts.append("hint: " + "; ".join(fixes))
     return "; ".join(parts)
 
 
+def renamed_key(key, layout):
+    """A file's key under a model.parts.KeyLayout: the first rename whose prefix starts it applies; None when the
+    layout drops it."""
+    if any(key.startswith(prefix) for prefix in layout.dropped):
+        return None
+    prefix = next((old for old, _ in layout.renames if key.startswith(old)), None)
+    return key if prefix is None else dict(layout.renames)[prefix] + key[len(prefix):]
+
+
 def apply_key_layout(state_dict, layout, model_state_dict):
-    """`state_dict` renamed by a model.parts.KeyLayout: the first rename whose prefix starts a key applies, keys
-    with a dropped prefix go, and our optional keys the file lacks keep the model's values."""
-    mapped = collections.OrderedDict()
-    for key, value in state_dict.items():
-        if any(key.startswith(prefix) for prefix in layout.dropped):
-            continue
-        prefix = next((old for old, _ in layout.renames if key.startswith(old)), None)
-        mapped[key if prefix is None else dict(layout.renames)[prefix] + key[len(prefix):]] = value
+    """`state_dict` renamed by a model.parts.KeyLayout (renamed_key), and our optional keys the file lacks with
+    the model's values."""
+    mapped = collections.OrderedDict((renamed_key(key, layout), value) for key, value in state_dict.items()
+                                     if renamed_key(key, layout) is not None)
     for key, value in model_state_dict.items():
         if key not in mapped and any(key.startswith(prefix) for prefix in layout.optional):
             mapped[key] = value
@@ -226,7 +245,8 @@ def fit_key_layouts(model_state_dict, state_dict, layouts, source, hints=None):
     best = None
     for layout in layouts:
         mapped = _counters_filled(apply_key_layout(state_dict, layout, model_state_dict), model_state_dict)
-        mismatch = describe_state_dict_mismatch(model_state_dict, mapped, hints)
+        file_names = {renamed_key(key, layout): key for key in state_dict}
+        mismatch = describe_state_dict_mismatch(model_state_dict, mapped, hints, file_names)
         if mismatch is None:
             if layout.renames or layout.dropped or layout.optional:
                 logging.info(f"{source} is in the {layout.name} layout: mapped onto the model")

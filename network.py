@@ -193,15 +193,18 @@ def make_model(backbone, aggregation, *, l2="before_pool", fc_output_dim=None, p
 
 def build_model(args):
     """GeoLocalizationNet from the flags: backbone, aggregation, l2, fc_output_dim, pretrain, off_the_shelf,
-    resize, trust_checkpoint and the parts' own options. Does not load --resume."""
+    resize, trust_checkpoint and the parts' own options. Does not load --resume (but knows its weights replace the
+    pretrained ones)."""
     off_the_shelf = getattr(args, "off_the_shelf", "imagenet")
     message = off_the_shelf_error(off_the_shelf, args.backbone, args.aggregation, args.fc_output_dim)
     if message:
         raise UserInputError(message)
     options = {**option_values(get_backbone(args.backbone).options, args),
                **option_values(get_aggregation(args.aggregation).options, args)}
-    # An off-the-shelf model replaces every weight, so there is no point fetching ImageNet ones first
-    pretrain = args.pretrain if off_the_shelf == "imagenet" else "none"
+    # A checkpoint to resume or an off-the-shelf model replaces every weight (those it may lack are unused ones):
+    # no point fetching pretrained ones first
+    replaced = off_the_shelf != "imagenet" or getattr(args, "resume", None) is not None
+    pretrain = "none" if replaced else args.pretrain
     model = make_model(args.backbone, args.aggregation, l2=args.l2, fc_output_dim=args.fc_output_dim,
                        pretrain=pretrain, resize=args.resize, trusted=getattr(args, "trust_checkpoint", False),
                        **options)

@@ -18,7 +18,7 @@ from model.parts import option_values
 from network import compatibility_error, off_the_shelf_error, options_error, pretrain_error, resize_error
 from recipes import RECIPES
 from test_methods import TEST_METHODS
-from model.zoo import PRETRAININGS
+from model.zoo import PRETRAININGS, named_model
 from optimization import OPTIMIZERS, SCHEDULERS
 from util import OFF_THE_SHELF_MODELS
 
@@ -260,6 +260,29 @@ def _chosen_parts(args):
     return ((RECIPES, args.recipe), (BACKBONES, args.backbone), (AGGREGATIONS, args.aggregation))
 
 
+def given_flags(argv):
+    """The destinations of the flags given on the command line `argv` (not left at their defaults)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_args(_split_multi_value_equals(quiet, argv))))
+
+
+def apply_named_model(parser, args, argv):
+    """--resume <model-zoo name> fixes the architecture: its flags left out are filled in, a given flag that
+    contradicts it is an error naming the flag; its evaluation size applies unless --resize is given."""
+    model = named_model(args.resume) if args.resume else None
+    if model is None:
+        return
+    given = given_flags(argv)
+    for name, value in model.flags().items():
+        if name not in given:
+            setattr(args, name, value)
+        elif name != "resize" and getattr(args, name) != value:
+            parser.error(f"--resume {args.resume} is a model with --{name} {value}: remove --{name} "
+                         f"{getattr(args, name)} (the model's architecture flags are filled in from its name)")
+
+
 def fill_part_defaults(args):
     """Flags left at None take the default that the chosen recipe, backbone or aggregation declares (and
     --fc_output_dim the aggregation's own final layer, if it has one)."""
@@ -402,6 +425,7 @@ def parse_arguments(argv=None, require_dataset=True):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(_split_multi_value_equals(parser, argv))
+    apply_named_model(parser, args, argv)
     fill_part_defaults(args)
     _check_values(parser, args)
     _check_part_options(parser, args)

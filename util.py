@@ -76,6 +76,37 @@ def fetch_url(url, path, what, check_hash=True):
     return path
 
 
+def download_google_drive_folder_file(folder_url, file_name, path):
+    """Download a Google Drive folder with gdown into a temporary folder beside `path`, keep its `file_name` as
+    `path` (renamed once complete)."""
+    import gdown  # imported here: only the download paths need it
+    temporary = temporary_path(path)
+    try:
+        gdown.download_folder(url=folder_url, output=temporary, quiet=False)
+        found = [os.path.join(root, name) for root, _, names in os.walk(temporary) for name in names
+                 if name == file_name]
+        if not found:
+            raise RuntimeError(f"the folder holds no {file_name}")
+        os.replace(found[0], path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def fetch_google_drive_folder_file(folder_url, file_name, path, what):
+    """Like fetch_url, for a file `file_name` in a Google Drive folder."""
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    logging.info(f"Downloading {what} ({file_name}) from the Google Drive folder {folder_url} to {path}")
+    try:
+        download_google_drive_folder_file(folder_url, file_name, path)
+    except Exception as error:
+        raise WeightsUnavailableError(
+            f"Could not download {what} from the Google Drive folder {folder_url} ({type(error).__name__}: "
+            f"{error}). Download its file {file_name} yourself and put it at {os.path.abspath(path)}") from error
+    return path
+
+
 def fetch_google_drive(file_id, path, what):
     """Like fetch_url, for a Google Drive file id."""
     if os.path.isfile(path):
@@ -102,21 +133,32 @@ def hub_checkpoints_folder():
 # ----------------------------------------------------------------------------------------------------------
 # Model zoo: --resume by name
 
+def named_model_path(name, weights_folder):
+    """Where the file of a model-zoo name is kept: <weights_folder>/model_zoo/<name> with the file's extension."""
+    file_name = getattr(zoo.named_model(name), "file_name", ".pth")
+    return os.path.join(weights_folder, zoo.MODEL_ZOO_SUBFOLDER, name + os.path.splitext(file_name)[1])
+
+
 def resolve_resume(resume, weights_folder):
-    """Path of the checkpoint that --resume names: an existing file as is, or a model zoo name
-    (see model/zoo.py, e.g. 'resnet18-netvlad-partial-pitts30k') downloaded once into
-    <weights_folder>/model_zoo/.
+    """Path of the checkpoint that --resume names: an existing file as is, or a model-zoo name (the original's,
+    e.g. 'resnet18-netvlad-partial-pitts30k', or a release of today's methods, e.g. 'salad-dinov2-8448', see
+    model/zoo.py) downloaded once into <weights_folder>/model_zoo/.
     """
     if os.path.isfile(resume):
         return resume
-    if resume in zoo.MODEL_ZOO:
-        entry = zoo.MODEL_ZOO[resume]
-        path = os.path.join(weights_folder, zoo.MODEL_ZOO_SUBFOLDER, f"{resume}.pth")
-        return fetch_google_drive(entry.google_drive_id, path, what=f"the model zoo checkpoint {resume}")
-    if os.sep in resume or resume.endswith((".pth", ".pt", ".tar")):
+    model = zoo.named_model(resume)
+    if model is not None:
+        path = named_model_path(resume, weights_folder)
+        what = f"the model zoo checkpoint {resume}"
+        if getattr(model, "url", None):
+            return fetch_url(model.url, path, what=what, check_hash=False)
+        if getattr(model, "google_drive_folder", None):
+            return fetch_google_drive_folder_file(model.google_drive_folder, model.file_name, path, what)
+        return fetch_google_drive(model.google_drive_id, path, what=what)
+    if os.sep in resume or resume.endswith((".pth", ".pt", ".tar", ".ckpt", ".safetensors")):
         raise CheckpointError(f"--resume {resume}: no such file; check the path")
     raise CheckpointError(f"--resume {resume}: neither a file nor a model zoo name. Model zoo names: "
-                          f"{', '.join(zoo.MODEL_ZOO)}")
+                          f"{', '.join(zoo.MODEL_ZOO)}; releases of today's methods: {', '.join(zoo.RELEASES)}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ measures, and prints as a Markdown table and writes as JSON:
               --infer_batch_size) at 480x640 and 240x320, forward+backward (train mode, batches of
               train_batch_size x (2 + negs_num_per_query) images) at the training resize; images/s;
   evaluation  wall time of whole eval.py processes (start-up, dataset scan, extraction, search, recall, results)
-              with resnet18conv4 + netvlad and + gem, at 480x640 and with --resize 240 320, as a ratio to the
-              floor's time for the same images (the floor measured just before each run); also the fixed cost
-              (the same command on a test split of 2 images) and the ratio without it;
+              with resnet18conv4 + netvlad and + gem, at 480x640 and with --resize 240 320, and with
+              dinov2_vitb14 + salad at 322x322 (on --dinov2_images images: a ViT-B is 20 to 30 times slower),
+              as a ratio to the floor's time (its own backbone's) for the same images (the floor measured just
+              before and after each run); also the fixed cost (the same command on a test split of 2 images) and
+              the ratio without it;
   training    seconds per --cache_refresh_rate queries (caching, mining, triplet steps) of train.py with partial
               and full mining, from its results.json, as a ratio to the floor for the images each refresh
               cached (forward) and trained on (forward+backward);
@@ -69,6 +71,7 @@ from measurement import PeakResidentSet, load_average, markdown_table  # noqa: E
 
 BACKBONE = "resnet18conv4"
 EVAL_AGGREGATIONS = ("netvlad", "gem")
+DINOV2_CASE = ("dinov2_vitb14", "salad", (322, 322))
 TRAIN_AGGREGATION = "netvlad"
 TRAIN_MININGS = ("partial", "full")
 EVAL_DATASET, TRAIN_DATASET = "speed_eval", "speed_train"
@@ -126,9 +129,11 @@ def read_results(run_root):
 # ----------------------------------------------------------------------------------------------------------
 # Data
 
-def make_datasets(work_folder, image_size, eval_images, train_database_num, train_queries_num, repeats, seed):
-    """The evaluation and training datasets (generated once, then reused), plus two views of the evaluation
-    test split made of links: repeated `repeats` times, and reduced to one database image and one query."""
+def make_datasets(work_folder, image_size, eval_images, train_database_num, train_queries_num, repeats, seed,
+                  dinov2_images):
+    """The evaluation and training datasets (generated once, then reused), plus three views of the evaluation
+    test split made of links: repeated `repeats` times, reduced to one database image and one query, and to
+    `dinov2_images` images (half database, half queries)."""
     datasets_folder = os.path.join(work_folder, "datasets")
     queries_num = max(1, eval_images // 5)
     small = OTHER_SPLITS_IMAGES
@@ -148,6 +153,8 @@ def make_datasets(work_folder, image_size, eval_images, train_database_num, trai
     linked_split(test_folder, os.path.join(datasets_folder, f"{EVAL_DATASET}_x{repeats}", "images", "test"),
                  repeats=repeats)
     linked_split(test_folder, os.path.join(datasets_folder, f"{EVAL_DATASET}_2", "images", "test"), limit=1)
+    linked_split(test_folder, os.path.join(datasets_folder, f"{EVAL_DATASET}_dinov2", "images", "test"),
+                 limit=max(1, dinov2_images // 2))
     return datasets_folder
 
 
@@ -175,9 +182,9 @@ def split_images_num(datasets_folder, dataset_name):
 # ----------------------------------------------------------------------------------------------------------
 # The floor: the backbone on ready tensors
 
-def build_model(aggregation, resize, device, datasets_folder, seed):
+def build_model(aggregation, resize, device, datasets_folder, seed, backbone=BACKBONE):
     args = vg_parser.parse_arguments([
-        "--datasets_folder", datasets_folder, "--dataset_name", EVAL_DATASET, "--backbone", BACKBONE,
+        "--datasets_folder", datasets_folder, "--dataset_name", EVAL_DATASET, "--backbone", backbone,
         "--aggregation", aggregation, "--pretrain", "none", "--resize", str(resize[0]), str(resize[1]),
         "--device", device.type])
     commons.make_deterministic(seed)
@@ -228,59 +235,66 @@ def floor_row(name, rate, images, seconds, peak_mib):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: whole eval.py processes
 
-def eval_command(datasets_folder, dataset_name, aggregation, resize, device, save_dir):
+def eval_command(datasets_folder, dataset_name, backbone, aggregation, resize, device, save_dir):
     return [sys.executable, os.path.join(REPO_FOLDER, "eval.py"), "--datasets_folder", datasets_folder,
-            "--dataset_name", dataset_name, "--backbone", BACKBONE, "--aggregation", aggregation,
+            "--dataset_name", dataset_name, "--backbone", backbone, "--aggregation", aggregation,
             "--pretrain", "none", "--resize", str(resize[0]), str(resize[1]), "--device", device.type,
             "--save_dir", save_dir, "--quiet"]
 
 
+def evaluation_cases(resizes, repeats):
+    """(backbone, aggregation, resize, dataset) of each eval.py run."""
+    cases = [(BACKBONE, aggregation, resize, dataset_name)
+             for resize, dataset_name in ((resizes[0], EVAL_DATASET), (resizes[1], f"{EVAL_DATASET}_x{repeats}"))
+             for aggregation in EVAL_AGGREGATIONS]
+    return cases + [(*DINOV2_CASE, f"{EVAL_DATASET}_dinov2")]
+
+
 def benchmark_evaluation(work_folder, datasets_folder, resizes, repeats, device, infer_batch_size, seed):
     rows = []
-    for resize, dataset_name in ((resizes[0], EVAL_DATASET), (resizes[1], f"{EVAL_DATASET}_x{repeats}")):
+    for backbone, aggregation, resize, dataset_name in evaluation_cases(resizes, repeats):
         images = split_images_num(datasets_folder, dataset_name)
-        for aggregation in EVAL_AGGREGATIONS:
-            label = f"{BACKBONE} + {aggregation}, {resize[0]}x{resize[1]}"
-            model = build_model(aggregation, resize, device, datasets_folder, seed)
-            # The floor right before and right after the run, so that both see the machine's load
-            rate_before, cpu_before = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
-            fixed_seconds, _, fixed_cpu = run_process(
-                eval_command(datasets_folder, f"{EVAL_DATASET}_2", aggregation, resize, device, "startup"),
-                work_folder, os.path.join(work_folder, "eval_startup.log"))
-            save_dir = f"eval_{aggregation}_{resize[0]}x{resize[1]}"
-            if os.path.isdir(os.path.join(work_folder, "logs", save_dir)):
-                shutil.rmtree(os.path.join(work_folder, "logs", save_dir))
-            load_before = load_average()
-            seconds, peak_mib, cpu_seconds = run_process(
-                eval_command(datasets_folder, dataset_name, aggregation, resize, device, save_dir), work_folder,
-                os.path.join(work_folder, f"{save_dir}.log"))
-            rate_after, cpu_after = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
-            del model
-            results = read_results(os.path.join(work_folder, "logs", save_dir))
-            floor_per_image = (1 / rate_before + 1 / rate_after) / 2
-            floor_cpu_per_image = (cpu_before + cpu_after) / 2
-            rate = 1 / floor_per_image
-            floor_seconds = images * floor_per_image
-            fixed_seconds = max(0.0, fixed_seconds - 2 * floor_per_image)  # without the compute of its 2 images
-            fixed_cpu = max(0.0, fixed_cpu - 2 * floor_cpu_per_image)
-            ratio_without_fixed = max(seconds - fixed_seconds, 0.0) / floor_seconds
-            # From how many images on the whole process would meet the target, at this steady-state ratio
-            images_for_target = (math.ceil(fixed_seconds * rate / (TARGETS["evaluation"] - ratio_without_fixed))
-                                 if ratio_without_fixed < TARGETS["evaluation"] else None)
-            rows.append({
-                "part": "evaluation", "what": f"eval.py, {label}", "images": images, "seconds": seconds,
-                "images_per_second": images / seconds, "floor_images_per_second": [rate_before, rate_after],
-                "floor_seconds": floor_seconds, "ratio": seconds / floor_seconds,
-                "fixed_seconds": fixed_seconds,
-                "ratio_without_fixed": ratio_without_fixed, "images_for_target": images_for_target,
-                "cpu_seconds": cpu_seconds, "floor_cpu_seconds": images * floor_cpu_per_image,
-                "cpu_ratio": cpu_seconds / (images * floor_cpu_per_image), "fixed_cpu_seconds": fixed_cpu,
-                "target": TARGETS["evaluation"], "peak_rss_mib": peak_mib,
-                "extraction_seconds": results["timings"]["extraction_seconds"],
-                "search_seconds": results["timings"]["search_seconds"],
-                "load_average": [load_before, load_average()]})
-            print(f"{rows[-1]['what']}: {seconds:.1f} s for {images} images, floor {floor_seconds:.1f} s, "
-                  f"ratio {rows[-1]['ratio']:.3f} (fixed cost {fixed_seconds:.1f} s)", flush=True)
+        label = f"{backbone} + {aggregation}, {resize[0]}x{resize[1]}"
+        model = build_model(aggregation, resize, device, datasets_folder, seed, backbone)
+        # The floor right before and right after the run, so that both see the machine's load
+        rate_before, cpu_before = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
+        fixed_seconds, _, fixed_cpu = run_process(
+            eval_command(datasets_folder, f"{EVAL_DATASET}_2", backbone, aggregation, resize, device, "startup"),
+            work_folder, os.path.join(work_folder, "eval_startup.log"))
+        save_dir = f"eval_{backbone}_{aggregation}_{resize[0]}x{resize[1]}"
+        if os.path.isdir(os.path.join(work_folder, "logs", save_dir)):
+            shutil.rmtree(os.path.join(work_folder, "logs", save_dir))
+        load_before = load_average()
+        seconds, peak_mib, cpu_seconds = run_process(
+            eval_command(datasets_folder, dataset_name, backbone, aggregation, resize, device, save_dir),
+            work_folder, os.path.join(work_folder, f"{save_dir}.log"))
+        rate_after, cpu_after = backbone_rate(model.backbone, resize, infer_batch_size, FLOOR_BATCHES, device)
+        del model
+        results = read_results(os.path.join(work_folder, "logs", save_dir))
+        floor_per_image = (1 / rate_before + 1 / rate_after) / 2
+        floor_cpu_per_image = (cpu_before + cpu_after) / 2
+        rate = 1 / floor_per_image
+        floor_seconds = images * floor_per_image
+        fixed_seconds = max(0.0, fixed_seconds - 2 * floor_per_image)  # without the compute of its 2 images
+        fixed_cpu = max(0.0, fixed_cpu - 2 * floor_cpu_per_image)
+        ratio_without_fixed = max(seconds - fixed_seconds, 0.0) / floor_seconds
+        # From how many images on the whole process would meet the target, at this steady-state ratio
+        images_for_target = (math.ceil(fixed_seconds * rate / (TARGETS["evaluation"] - ratio_without_fixed))
+                             if ratio_without_fixed < TARGETS["evaluation"] else None)
+        rows.append({
+            "part": "evaluation", "what": f"eval.py, {label}", "images": images, "seconds": seconds,
+            "images_per_second": images / seconds, "floor_images_per_second": [rate_before, rate_after],
+            "floor_seconds": floor_seconds, "ratio": seconds / floor_seconds,
+            "fixed_seconds": fixed_seconds,
+            "ratio_without_fixed": ratio_without_fixed, "images_for_target": images_for_target,
+            "cpu_seconds": cpu_seconds, "floor_cpu_seconds": images * floor_cpu_per_image,
+            "cpu_ratio": cpu_seconds / (images * floor_cpu_per_image), "fixed_cpu_seconds": fixed_cpu,
+            "target": TARGETS["evaluation"], "peak_rss_mib": peak_mib,
+            "extraction_seconds": results["timings"]["extraction_seconds"],
+            "search_seconds": results["timings"]["search_seconds"],
+            "load_average": [load_before, load_average()]})
+        print(f"{rows[-1]['what']}: {seconds:.1f} s for {images} images, floor {floor_seconds:.1f} s, "
+              f"ratio {rows[-1]['ratio']:.3f} (fixed cost {fixed_seconds:.1f} s)", flush=True)
     return rows
 
 
@@ -470,6 +484,8 @@ def build_parser():
                         help="images of the evaluation test split (4/5 database, 1/5 queries)")
     parser.add_argument("--small_resize_repeats", type=int, default=4,
                         help="times the test split is repeated for the evaluation at half the resolution")
+    parser.add_argument("--dinov2_images", type=int, default=24,
+                        help="images of the test split evaluated with dinov2_vitb14 + salad (half database)")
     parser.add_argument("--infer_batch_size", type=int, default=16, help="as eval.py's default")
     parser.add_argument("--train_resize", type=int, nargs=2, default=[240, 320], metavar=("H", "W"))
     parser.add_argument("--train_database_num", type=int, default=100)
@@ -495,7 +511,7 @@ def build_parser():
     return parser
 
 
-QUICK = dict(image_size=[96, 128], eval_images=10, small_resize_repeats=2, train_resize=[48, 64],
+QUICK = dict(image_size=[96, 128], eval_images=10, small_resize_repeats=2, dinov2_images=4, train_resize=[48, 64],
              train_database_num=40, train_queries_num=8, cache_refresh_rate=4, refreshes=1, neg_samples_num=30,
              negs_num_per_query=2, mining_queries_num=20, mining_database_num=200, mining_neg_samples_num=50,
              mining_dim=256, layer_repeats=1)
@@ -527,7 +543,7 @@ def main(argv=None):
     with folder_or_temporary(options.work_folder) as work_folder:
         datasets_folder = make_datasets(work_folder, options.image_size, options.eval_images,
                                         options.train_database_num, options.train_queries_num,
-                                        options.small_resize_repeats, options.seed)
+                                        options.small_resize_repeats, options.seed, options.dinov2_images)
         for size in resizes:
             model = build_model("gem", size, device, datasets_folder, options.seed)
             with PeakResidentSet() as memory:

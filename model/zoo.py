@@ -3,6 +3,7 @@
 Identifiers as the original benchmark uses them (Google Drive ids, URLs, file names). Downloading and
 loading are in util.py; this file only holds the tables.
 """
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -157,3 +158,102 @@ def _build_model_zoo():
 
 
 MODEL_ZOO = _build_model_zoo()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Today's methods: their authors' released files, by name for --resume ("<method>-<backbone>-<descriptor size>"),
+# loaded as they are published (their key layouts are declared by the parts they map onto)
+
+@dataclass(frozen=True)
+class Release:
+    """A released model: its file (from a URL, a Google Drive file, or a file in a Google Drive folder), the flags
+    that build its architecture, and the image size its authors evaluate at (None: any size)."""
+    method: str
+    file_name: str
+    architecture: dict
+    resize: Optional[tuple] = None
+    url: Optional[str] = None
+    google_drive_id: Optional[str] = None
+    google_drive_folder: Optional[str] = None
+
+    @property
+    def link(self):
+        return self.url or (google_drive_link(self.google_drive_id) if self.google_drive_id
+                            else self.google_drive_folder)
+
+    def flags(self):
+        """The flags that build this model's architecture, and its evaluation --resize."""
+        return dict(self.architecture, **({"resize": list(self.resize)} if self.resize else {}))
+
+
+_COSPLACE_BACKBONES = {"vgg16": ("VGG16", "vgg16"), "resnet18": ("ResNet18", "resnet18conv5"),
+                       "resnet50": ("ResNet50", "resnet50conv5"), "resnet101": ("ResNet101", "resnet101conv5"),
+                       "resnet152": ("ResNet152", "resnet152conv5")}
+# Descriptor sizes released per backbone (checkpoints.md; the two EigenPlaces 1024 files are listed by its hubconf)
+_COSPLACE_DIMS = {"vgg16": (64, 128, 256, 512), "resnet18": (32, 64, 128, 256, 512),
+                  "resnet50": (32, 64, 128, 256, 512, 1024, 2048), "resnet101": (32, 64, 128, 256, 512, 1024, 2048),
+                  "resnet152": (32, 64, 128, 256, 512, 1024, 2048)}
+_EIGENPLACES_DIMS = {"vgg16": (512,), "resnet18": (256, 512), "resnet50": (128, 256, 512, 1024, 2048),
+                     "resnet101": (128, 256, 512, 1024, 2048)}
+_MIXVPR = {4096: ("1vuz3PvnR7vxnDDLQrdHJaOA04SQrtk5L", 1024, 4), 512: ("1khiTUNzZhfV2UUupZoIsPIbsMRBYVDqj", 256, 2),
+           128: ("1DQnefjk1hVICOEYPwE4-CZAZOvi1NSJz", 64, 2)}
+_CONVAP_FOLDER = "https://drive.google.com/drive/folders/1VYPw9uGD11NgiGFgfWueLt3noJYOIuhL"
+_BOQ = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/"
+_DINOV2_SALAD = {"backbone": "dinov2_vitb14", "salad_clusters": 64, "salad_token_dim": 256}
+
+
+def _cosplace_like(method, dims, url_pattern):
+    releases = {}
+    for backbone, backbone_dims in dims.items():
+        file_backbone, flag_backbone = _COSPLACE_BACKBONES[backbone]
+        for dim in backbone_dims:
+            file_name = f"{file_backbone}_{dim}_{method}.pth"
+            releases[f"{method}-{backbone}-{dim}"] = Release(
+                {"cosplace": "CosPlace", "eigenplaces": "EigenPlaces"}[method], file_name,
+                {"backbone": flag_backbone, "aggregation": "gem", "fc_output_dim": dim},
+                url=url_pattern.format(file_name))
+    return releases
+
+
+def _build_releases():
+    releases = {
+        **_cosplace_like("cosplace", _COSPLACE_DIMS, "https://github.com/gmberton/CosPlace/releases/download/v1.0/{}"),
+        **_cosplace_like("eigenplaces", _EIGENPLACES_DIMS,
+                         "https://github.com/gmberton/EigenPlaces/releases/download/v1.0/{}"),
+    }
+    for dim, (file_id, channels, rows) in _MIXVPR.items():
+        releases[f"mixvpr-resnet50-{dim}"] = Release(
+            "MixVPR", f"resnet50_MixVPR_{dim}_channels({channels})_rows({rows}).ckpt",
+            {"backbone": "resnet50conv4", "aggregation": "mixvpr", "mixvpr_out_channels": channels,
+             "mixvpr_out_rows": rows}, (320, 320), google_drive_id=file_id)
+    for channels in (2048, 1024, 512, 128):
+        releases[f"convap-resnet50-{4 * channels}"] = Release(
+            "Conv-AP", f"resnet50_ConvAP_{channels}_2x2.ckpt",
+            {"backbone": "resnet50conv5", "aggregation": "convap", "convap_out_channels": channels},
+            (320, 320), google_drive_folder=_CONVAP_FOLDER)
+    releases["boq-resnet50-16384"] = Release(
+        "BoQ", "resnet50_16384.pth", {"backbone": "resnet50conv4", "aggregation": "boq", "boq_proj_channels": 512},
+        (384, 384), url=_BOQ + "resnet50_16384.pth")
+    releases["boq-dinov2-12288"] = Release(
+        "BoQ", "dinov2_12288.pth", {"backbone": "dinov2_vitb14", "aggregation": "boq", "boq_proj_channels": 384},
+        (322, 322), url=_BOQ + "dinov2_12288.pth")
+    releases["salad-dinov2-8448"] = Release(
+        "SALAD", "dino_salad.ckpt", dict(_DINOV2_SALAD, aggregation="salad", salad_cluster_dim=128), (322, 322),
+        url="https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt")
+    releases["megaloc-dinov2-8448"] = Release(
+        "MegaLoc", "model.safetensors",
+        dict(_DINOV2_SALAD, aggregation="megaloc", salad_cluster_dim=256, fc_output_dim=8448),
+        url="https://huggingface.co/gberton/MegaLoc/resolve/main/model.safetensors")
+    # The first release's file (February 2025 - January 2026 code), another key layout of the same model
+    releases["megaloc-v1-dinov2-8448"] = dataclasses.replace(
+        releases["megaloc-dinov2-8448"], file_name="megaloc.torch",
+        url="https://github.com/gmberton/MegaLoc/releases/download/v1.0/megaloc.torch")
+    return releases
+
+
+RELEASES = _build_releases()
+
+
+def named_model(name):
+    """The model-zoo entry (the original's or a release of today's methods) that --resume names, or None."""
+    return MODEL_ZOO.get(name) or RELEASES.get(name)

@@ -34,7 +34,7 @@ class AggregationEntry:
 
 AGGREGATIONS = {
     "netvlad": AggregationEntry(netvlad.build_netvlad, netvlad.ACCEPTS, netvlad.OPTIONS, initialize=netvlad.initialize),
-    "gem": AggregationEntry(pools.build_gem, pools.MAP_OR_TOKENS, shallow=True),
+    "gem": AggregationEntry(pools.build_gem, pools.MAP_OR_TOKENS, shallow=True, key_layouts=(pools.COSPLACE_LAYOUT,)),
     "spoc": AggregationEntry(pools.pooling(pools.SPoC), (MAP,), shallow=True),
     "mac": AggregationEntry(pools.pooling(pools.MAC), (MAP,), shallow=True),
     "rmac": AggregationEntry(pools.pooling(pools.RMAC), (MAP,), shallow=True),

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import functional
-from model.parts import MAP, TOKENS
+from model.parts import MAP, TOKENS, KeyLayout
 
 
 class L2Norm(nn.Module):
@@ -82,3 +82,7 @@ def build_identity(features, options):
 
 
 MAP_OR_TOKENS = (MAP, TOKENS)
+# CosPlace and EigenPlaces: the same layers as gem with --l2 before_pool and --fc_output_dim, numbered as one
+# Sequential (L2Norm, GeM, Flatten, Linear, L2Norm)
+COSPLACE_LAYOUT = KeyLayout("CosPlace / EigenPlaces", (("aggregation.1.p", "aggregation.0.1.p"),
+                                                       ("aggregation.3.", "aggregation.1.")))
