@@ -314,3 +314,17 @@ class ListSampler(data.Sampler):
 
     def __len__(self):
         return len(self.items)
+
+
+def parse_headings(paths):
+    """Headings in degrees, a float array [len(paths)], from field 9 of the '@'-split file names (datasets_vg's
+    heading, where CosPlace reads it); None when some name has none there (an empty or missing field, or no
+    number)."""
+    headings = []
+    for path in paths:
+        fields = os.path.basename(path).split("@")
+        try:
+            headings.append(float(fields[9]))
+        except (IndexError, ValueError):
+            return None
+    return np.array(headings, dtype=np.float64)

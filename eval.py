@@ -91,7 +91,8 @@ def load_or_fit_pca(args, model, descriptors_folder, world):
     if descriptors_folder is None:
         return fit()
     path = os.path.join(descriptors_folder, PCA_FILENAME)
-    fingerprint = {"model_sha256": extraction.model_fingerprint(model), "pca_dim": args.pca_dim, "whiten": args.pca_whiten,
+    fingerprint = {"model_sha256": extraction.model_fingerprint(model), "pca_dim": args.pca_dim,
+                   "whiten": args.pca_whiten,
                    "pca_dataset_folder": os.path.abspath(os.path.join(args.datasets_folder,
                                                                       args.pca_dataset_folder)),
                    "seed": args.seed}
@@ -159,7 +160,7 @@ def main(argv=None):
     if world.world_size > 1:
         logging.info(f"{world.world_size} processes extract the descriptors into {descriptors_folder}")
         extraction.extract_descriptors(args, database_paths, queries_paths, model, args.test_method, pca,
-                                 descriptors_folder, world)
+                                       descriptors_folder, world)
         if world.rank != 0:  # rank 0 searches what every process extracted
             commons.cleanup_distributed()
             return

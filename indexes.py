@@ -63,8 +63,7 @@ FAISS_INDEXES = {
         build=lambda dim, r: _faiss().IndexIVFFlat(_faiss().IndexFlatL2(dim), dim, r["ivf_lists"]),
         bytes_per_vector=lambda dim, r: 4 * dim + 8, configure=_set_probes, trained=True),
     "ivfpq": IndexType(
-        build=lambda dim, r: _faiss().IndexIVFPQ(_faiss().IndexFlatL2(dim), dim, r["ivf_lists"], r["pq_bytes"],
-                                               8),
+        build=lambda dim, r: _faiss().IndexIVFPQ(_faiss().IndexFlatL2(dim), dim, r["ivf_lists"], r["pq_bytes"], 8),
         bytes_per_vector=lambda dim, r: r["pq_bytes"] + 8, configure=_set_probes, trained=True),
     "hnsw": IndexType(
         build=lambda dim, r: _hnsw_flat(dim, r["hnsw_m"], r["hnsw_ef_construction"]),

@@ -2,10 +2,8 @@
 
 PyTorch on the CPU allocates each layer's output anew for every batch. glibc's malloc serves blocks of more than
 32 MB with fresh pages from the kernel and returns them when they are freed, so every batch pays the kernel again
-to map, fault in and zero the same memory. On 2 cores here, ResNet-18 conv4 on batches of 16 images of 240x320
-took 3 million page faults and 7.7 s of system time for 400 images, and ran at 24.7 images/s; with freed memory
-kept for reuse it makes 10 thousand page faults, no system time, and runs at 35.1 images/s. The numbers it
-computes are the same: only where the memory comes from changes.
+to map, fault in and zero the same memory; kept for reuse, it is faulted in once (the README's Performance section
+has the figures). The numbers the model computes are the same: only where the memory comes from changes.
 
 The cost: memory that the process freed stays reserved by it (up to 2 GiB above what is in use) instead of going
 back to the system; it was in use at the process's peak anyway.

@@ -216,18 +216,20 @@ def build_model(args):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: our layout, the original's, and the released layouts the parts declare
 
+def _entries(model):
+    """The registry entries of the model's backbone and aggregation (none for a model assembled by hand)."""
+    return (get_backbone(model.parts[0]), get_aggregation(model.parts[1])) if model.parts else ()
+
+
 def checkpoint_layouts(model):
     """Every combination of the model's backbone and aggregation key layouts (ours first)."""
-    backbone, aggregation = (get_backbone(model.parts[0]), get_aggregation(model.parts[1])) if model.parts else \
-        (None, None)
-    backbone_layouts = (None,) + (backbone.key_layouts if backbone else ())
-    aggregation_layouts = (None,) + (aggregation.key_layouts if aggregation else ())
+    backbone_layouts, aggregation_layouts = [(None,) + entry.key_layouts for entry in _entries(model)] or [(None,)] * 2
     return [checkpoint.combine_key_layouts(b, a) for b in backbone_layouts for a in aggregation_layouts]
 
 
 def mismatch_hints(model):
-    entries = [get_backbone(model.parts[0]), get_aggregation(model.parts[1])] if model.parts else []
-    hint_functions = [entry.hints for entry in entries if entry.hints is not None]
+    """Flag fixes guessed by the model's parts from a checkpoint's missing and unexpected keys."""
+    hint_functions = [entry.hints for entry in _entries(model) if entry.hints is not None]
     return lambda missing, unexpected: [hint for hints in hint_functions for hint in hints(missing, unexpected)]
 
 
@@ -235,13 +237,13 @@ def load_checkpoint_weights(model, state_dict, source):
     """Load a checkpoint's weights into `model`, in our layout or a released one its parts declare; a file that
     fits none is refused, naming its first keys that did not fit and the likely flag fixes."""
     mapped = checkpoint.fit_key_layouts(model.state_dict(), state_dict, checkpoint_layouts(model), source,
-                                  mismatch_hints(model))
+                                        mismatch_hints(model))
     model.load_state_dict(mapped, strict=True)
 
 
 def starts_from_subset(model):
     """Whether the aggregation starts from a checkpoint holding only some of its layers (CRN from NetVLAD)."""
-    return bool(model.parts) and get_aggregation(model.parts[1]).starts_from_subset
+    return any(getattr(entry, "starts_from_subset", False) for entry in _entries(model))
 
 
 def optimizer_groups(model, args):
@@ -257,13 +259,13 @@ def optimizer_groups(model, args):
 
 def initialize_aggregation(model, images_dataset, device, batch_size, num_workers, **options):
     """Run the aggregation's initialisation hook (if it has one, with `options`) on backbone outputs of random
-    images of `images_dataset` (items: (image, index)). Images are drawn as the original draws them:
-    np.random.choice of the images, then a SubsetRandomSampler over them."""
+    images of `images_dataset` (items: (image, index)): the hook calls backbone_outputs(images_num, description).
+    Images are drawn as the original draws them: np.random.choice of the images, then a SubsetRandomSampler."""
     entry = get_aggregation(model.parts[1])
     if entry.initialize is None:
         return
 
-    def backbone_outputs(images_num):
+    def backbone_outputs(images_num, description="Initialisation"):
         if len(images_dataset) < images_num:
             logging.info(f"Aggregation initialisation: only {len(images_dataset)} images available (instead of "
                          f"{images_num}), using all of them")
@@ -273,7 +275,7 @@ def initialize_aggregation(model, images_dataset, device, batch_size, num_worker
         was_training = model.backbone.training
         model.backbone.eval()
         try:
-            for outputs, _ in forward_batches(model.backbone, loader, device, description="Initialisation"):
+            for outputs, _ in forward_batches(model.backbone, loader, device, description=description):
                 yield outputs
         finally:
             model.backbone.train(was_training)

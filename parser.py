@@ -49,8 +49,7 @@ def default_num_workers(device, cpu_count=None):
     model itself uses every core and decoding and resizing an image costs a few percent of its forward pass, one
     worker per 4 cores (at most 8). Below 4 cores none: images load in the main process, between batches. A
     worker could only run on a core the model is using, and each batch it hands over goes through new shared
-    memory that both processes fault in (on 2 cores, eval.py at 480x640 took 29.6 s with one worker, 26.8 s
-    without)."""
+    memory that both processes fault in (the README's Performance section has the measurement)."""
     cpu_count = cpu_count or os.cpu_count() or 1
     if device == "cuda":
         return min(8, cpu_count)
@@ -76,7 +75,8 @@ def build_parser():
     group.add_argument("--lr", type=float, default=0.00001, help="Learning rate")
     group.add_argument("--optim", type=str, default="adam", choices=list(OPTIMIZERS), help="Optimizer")
     group.add_argument("--weight_decay", type=float, default=None,
-                       help="Weight decay (default: the original's, 0.001 with sgd and none with adam; 0.01 with adamw)")
+                       help="Weight decay (default: the original's, 0.001 with sgd and none with adam; 0.01 with "
+                            "adamw)")
     group.add_argument("--scheduler", type=str, default="none", choices=list(SCHEDULERS),
                        help="Learning-rate schedule: multistep multiplies it by --lr_gamma at each of --lr_milestones "
                             "(epochs); linear goes from 1 to --lr_end_factor times --lr over --lr_decay_steps steps")
@@ -252,8 +252,9 @@ def add_part_options(parser, axis, registry):
         if len(defaults) > 1:  # (%(default).0s prints nothing: it stops argparse from adding "default: None")
             help_text += " (default: " + ", ".join(f"{declared.default} with {name}"
                                                    for name, declared in declarations) + ")%(default).0s"
-        groups[title].add_argument(f"--{flag}", type=option.type, default=option.default if len(defaults) == 1 else None,
-                                   help=help_text, choices=option.choices, nargs=option.nargs, metavar=option.metavar)
+        groups[title].add_argument(f"--{flag}", type=option.type, help=help_text, choices=option.choices,
+                                   default=option.default if len(defaults) == 1 else None, nargs=option.nargs,
+                                   metavar=option.metavar)
 
 
 def _chosen_parts(args):

@@ -128,13 +128,13 @@ def retrieve(args, database_paths, queries_paths, model, test_method="hard_resiz
 
     def database_batches():
         loader = images_loader(database_paths, datasets_ws.hard_resize, args.resize, args.infer_batch_size,
-                             args.num_workers, args.device)
+                               args.num_workers, args.device)
         return observed("database", descriptor_batches(model, loader, args.device, pca=pca,
                                                        description="Database"))
 
     queries_batch_size = 1 if method.one_query_per_batch else args.infer_batch_size
     queries_loader = images_loader(queries_paths, method.query_transform, args.resize, queries_batch_size,
-                                 args.num_workers, args.device)
+                                   args.num_workers, args.device)
     start_time = time.perf_counter()
     queries_descriptors = collect_descriptors(
         observed("queries", descriptor_batches(model, queries_loader, args.device, method.mean_of_crops, pca,

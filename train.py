@@ -56,15 +56,14 @@ def load_resume(args, model):
     state_dict = checkpoint.extract_state_dict(state, path)
     mismatch = checkpoint.describe_state_dict_mismatch(model.state_dict(), state_dict)
     if network.starts_from_subset(model) and mismatch is not None:
-        unexpected = [key for key in state_dict if key not in model.state_dict()]
-        if unexpected:
-            raise checkpoint.CheckpointError(f"{path} does not fit the {args.aggregation} model built from your flags: "
-                                       f"{mismatch}")
+        error = checkpoint.CheckpointError(f"{path} does not fit the {args.aggregation} model built from your "
+                                           f"flags: {mismatch}")
+        if any(key not in model.state_dict() for key in state_dict):
+            raise error
         try:
             missing, _ = model.load_state_dict(state_dict, strict=False)
-        except RuntimeError as error:
-            raise checkpoint.CheckpointError(f"{path} does not fit the {args.aggregation} model built from your flags: "
-                                       f"{mismatch}") from error
+        except RuntimeError as cause:
+            raise error from cause
         logging.info(f"{args.aggregation} starts from the model {path}: {len(state_dict)} layers loaded, "
                      f"{len(missing)} new ({', '.join(missing)})")
         return None, path

@@ -135,7 +135,7 @@ def hub_checkpoints_folder():
 
 def named_model_path(name, weights_folder):
     """Where the file of a model-zoo name is kept: <weights_folder>/model_zoo/<name> with the file's extension."""
-    file_name = getattr(zoo.named_model(name), "file_name", ".pth")
+    file_name = getattr(zoo.named_model(name), "file_name", "model.pth")
     return os.path.join(weights_folder, zoo.MODEL_ZOO_SUBFOLDER, name + os.path.splitext(file_name)[1])
 
 

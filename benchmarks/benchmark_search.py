@@ -86,7 +86,7 @@ def real_descriptors(work_folder, database_num, queries_num, image_size, seed):
     commons.make_deterministic(args.seed)  # the same random weights in every run
     model = network.build_model(args).eval()
     database, queries = extraction.extract_descriptors(args, dataset.database_paths, dataset.queries_paths, model,
-                                                    descriptors_folder=os.path.join(work_folder, "real"))
+                                                       descriptors_folder=os.path.join(work_folder, "real"))
     return database, queries, dataset
 
 

@@ -73,7 +73,8 @@ class TripletsDataset(datasets_ws.GeoDataset, data.Dataset):
     def __init__(self, datasets_folder, dataset_name, split="train", *, resize, hard_positives_dist_threshold=10,
                  soft_positives_dist_threshold=25, query_transform=None):
         super().__init__(datasets_folder, dataset_name, split, soft_positives_dist_threshold)
-        hard_positives = datasets_ws.find_positives(self.database_utms, self.queries_utms, hard_positives_dist_threshold)
+        hard_positives = datasets_ws.find_positives(self.database_utms, self.queries_utms,
+                                                    hard_positives_dist_threshold)
         keep = np.array([len(p) > 0 for p in hard_positives], dtype=bool)
         removed_num = int((~keep).sum())
         if removed_num:

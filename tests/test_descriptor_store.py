@@ -63,15 +63,15 @@ def images(tmp_path_factory):
 
 def in_memory(model, paths, method, batch_size=BATCH, pca=None):
     loader = extraction.images_loader(paths, method.query_transform, RESIZE, batch_size, 0, "cpu")
-    return extraction.collect_descriptors(extraction.descriptor_batches(model, loader, "cpu", method.mean_of_crops, pca),
-                                       len(paths))
+    batches = extraction.descriptor_batches(model, loader, "cpu", method.mean_of_crops, pca)
+    return extraction.collect_descriptors(batches, len(paths))
 
 
 def stream(model, paths, folder, method, shard_rows=8, dtype="float32", fingerprint=None, on_descriptors=None,
            batch_size=BATCH, pca=None):
     fingerprint = fingerprint or {"model_sha256": extraction.model_fingerprint(model)}
     return extraction.store_descriptors(model, paths, str(folder), fingerprint, method.query_transform, RESIZE,
-                                     batch_size, 0, "cpu", method.mean_of_crops, pca, dtype, shard_rows=shard_rows,
+                                        batch_size, 0, "cpu", method.mean_of_crops, pca, dtype, shard_rows=shard_rows,
                                      on_descriptors=on_descriptors, description="test")
 
 
@@ -278,11 +278,12 @@ def test_saved_pca_transforms_as_the_fitted_one(tmp_path):
 def test_database_descriptors_are_shared_by_test_methods_and_queries_are_not(images, tmp_path):
     database, queries = images
     model = TinyNet().eval()
-    extraction.extract_descriptors(make_args(), database, queries, model, "hard_resize", descriptors_folder=str(tmp_path))
+    extraction.extract_descriptors(make_args(), database, queries, model, "hard_resize",
+                                   descriptors_folder=str(tmp_path))
     database_shard = os.path.join(tmp_path, extraction.DATABASE_FOLDER, "shard_00000.npy")
     written = os.stat(database_shard).st_mtime_ns
     _, five_crops = extraction.extract_descriptors(make_args(), database, queries, model, "five_crops",
-                                                descriptors_folder=str(tmp_path))
+                                                   descriptors_folder=str(tmp_path))
     assert os.stat(database_shard).st_mtime_ns == written
     np.testing.assert_array_equal(five_crops.read_all(),
                                   in_memory(model, queries, test_methods.get_test_method("five_crops")))

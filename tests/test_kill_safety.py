@@ -132,4 +132,5 @@ def test_killed_while_writing_a_checkpoint_and_mid_epoch_then_resumed_ends_as_an
     assert resumed["recalls"] == uninterrupted["recalls"]
     for name, value in uninterrupted["model_state_dict"].items():
         assert torch.equal(value, resumed["model_state_dict"][name]), name
-    assert torch.equal(resumed["recipe_state"]["mining_state"]["neg_cache"], uninterrupted["recipe_state"]["mining_state"]["neg_cache"])
+    assert torch.equal(resumed["recipe_state"]["mining_state"]["neg_cache"],
+                       uninterrupted["recipe_state"]["mining_state"]["neg_cache"])

@@ -60,7 +60,8 @@ def test_every_original_flag_has_its_default_and_choices():
 
 def test_encoder_flags_take_the_original_values_and_stop_at_the_backbone_depth(datasets_folder):
     for value in range(0, 14):
-        assert parse(datasets_folder, "--backbone=cct384", "--resize=384", "384", f"--trunc_te={value}").trunc_te == value
+        args = parse(datasets_folder, "--backbone=cct384", "--resize=384", "384", f"--trunc_te={value}")
+        assert args.trunc_te == value
     for value in range(-1, 14):
         assert parse(datasets_folder, "--backbone=cct384", "--resize=384", "384",
                      f"--freeze_te={value}").freeze_te == value

@@ -17,7 +17,8 @@ from model import zoo
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 SWEEP_NAME = "smoke"
-SWEEPS = ("backbones_aggregations", "mining", "resize", "test_methods", "augmentation", "pca", "off_the_shelf")
+SWEEPS = ("backbones_aggregations", "mining", "resize", "test_methods", "augmentation", "pca", "off_the_shelf",
+          "todays_methods")
 
 
 def _environment(**variables):
@@ -81,6 +82,7 @@ EXPECTED_ROWS = {
     "augmentation": ("horizontal_flip", ["True", "False"]),  # labels horizontal_flip, none
     "pca": ("pca_dim", ["", "8"]),  # labels no_pca, pca_8
     "off_the_shelf": ("off_the_shelf", ["radenovic_sfm"]),
+    "todays_methods": ("aggregation", ["boq", "convap", "gem", "megaloc", "mixvpr", "salad"]),
 }
 
 
@@ -115,6 +117,9 @@ def test_what_the_sweeps_measure(sweeps):
     assert [row["descriptor_size"] for row in rows] == ["2048", "8"]
     _, rows = _table(work, "off_the_shelf")
     assert (rows[0]["backbone"], rows[0]["l2"], rows[0]["fc_output_dim"]) == ("resnet50conv5", "after_pool", "2048")
+    # today's methods at toy sizes: each its own descriptor (boq 64 x 4, convap 16 x 2 x 2, megaloc's FC 16, ...)
+    _, rows = _table(work, "todays_methods")
+    assert [row["descriptor_size"] for row in rows] == ["256", "64", "32", "16", "32", "40"]
     # test_methods: the model trained first is not a row; both rows evaluate it
     _, rows = _table(work, "test_methods")
     assert [row["script"] for row in rows] == ["eval.py", "eval.py"]
@@ -145,6 +150,8 @@ def test_help_shows_the_script_header_and_the_shared_options():
     ("augmentation", [], {"AUGMENTATIONS": "sharpness=2"},
      "unknown augmentation 'sharpness'; valid names: brightness contrast"),
     ("off_the_shelf", [], {"OFF_THE_SHELF": "delf"}, "OFF_THE_SHELF: unknown model 'delf'"),
+    ("todays_methods", [], {"RELEASES": "salad-dinov2-8448 netvlad-2021"}, "RELEASES: unknown release 'netvlad-2021'"),
+    ("todays_methods", ["--smoke"], {"METHODS": "salad anyloc"}, "METHODS: unknown method 'anyloc'"),
 ])
 def test_bad_sweep_arguments_stop_before_any_run(tmp_path, name, args, variables, message):
     result = _run(str(tmp_path), name, *args, **variables)

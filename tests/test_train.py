@@ -95,7 +95,8 @@ def _assert_same_training_state(first, second):
     for key, state in first_optimizer["state"].items():
         for name, value in state.items():
             assert torch.equal(value, second_optimizer["state"][key][name]), (key, name)
-    assert torch.equal(first["recipe_state"]["mining_state"]["neg_cache"], second["recipe_state"]["mining_state"]["neg_cache"])
+    assert torch.equal(first["recipe_state"]["mining_state"]["neg_cache"],
+                       second["recipe_state"]["mining_state"]["neg_cache"])
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def test_queries_without_hard_positives_are_dropped_with_their_data(toy, caplog)
 
 def test_soft_positives_use_their_own_threshold(toy):
     dataset = triplets_recipe.TripletsDataset(toy, "toy", "train", resize=RESIZE, hard_positives_dist_threshold=10,
-                                          soft_positives_dist_threshold=60)
+                                              soft_positives_dist_threshold=60)
     assert [p.tolist() for p in dataset.soft_positives_per_query] == [[0, 4, 5], [1, 2, 3], [2, 3]]
 
 

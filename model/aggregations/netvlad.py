@@ -176,7 +176,7 @@ def initialize(aggregation, backbone_outputs, descriptors_num=50000, descs_per_i
     import faiss  # imported here: only the initialisation needs it
     layer = next(module for module in aggregation.modules() if isinstance(module, NetVLAD))
     descriptors = []
-    for outputs in backbone_outputs(math.ceil(descriptors_num / descs_per_image)):
+    for outputs in backbone_outputs(math.ceil(descriptors_num / descs_per_image), "NetVLAD initialisation"):
         image_descriptors = _local_descriptors(outputs, layer.work_with_tokens).cpu().numpy()
         locations_num = image_descriptors.shape[1]
         for image_index in range(image_descriptors.shape[0]):

@@ -200,8 +200,9 @@ def cct_14_7x2_384(output=TOKENS):
                output=output)
 
 
-CCT384_IMAGENET = WeightsSource("the CCT-14/7x2-384 ImageNet weights", "cct_14_7x2_384_imagenet.pth",
-                                url="https://shi-labs.com/projects/cct/checkpoints/finetuned/cct_14_7x2_384_imagenet.pth")
+CCT384_IMAGENET = WeightsSource(
+    "the CCT-14/7x2-384 ImageNet weights", "cct_14_7x2_384_imagenet.pth",
+    url="https://shi-labs.com/projects/cct/checkpoints/finetuned/cct_14_7x2_384_imagenet.pth")
 # The SHI-Labs file holds an ImageNet classification head that the benchmark drops
 IMAGENET_LAYOUT = KeyLayout("SHI-Labs CCT", dropped=("classifier.fc.",))
 LAYOUTS = (TOKENS, SEQPOOL, CLASS_TOKEN)

@@ -35,8 +35,9 @@ def weights_source(architecture, pretrain):
         weights = _TORCHVISION_CNNS[architecture][1]
         return WeightsSource(f"torchvision's {weights} weights", weights.url.rsplit("/", 1)[-1], url=weights.url)
     name = f"{architecture}_{pretrain}"
-    return WeightsSource(f"the {name} weights", f"{name}.pth", google_drive_id=zoo.PRETRAINED_NETS_GOOGLE_DRIVE_IDS[name],
-                         in_hub_cache=False, subfolder=zoo.PRETRAINED_NETS_SUBFOLDER)
+    return WeightsSource(f"the {name} weights", f"{name}.pth", in_hub_cache=False,
+                         google_drive_id=zoo.PRETRAINED_NETS_GOOGLE_DRIVE_IDS[name],
+                         subfolder=zoo.PRETRAINED_NETS_SUBFOLDER)
 
 
 def torchvision_classifier(architecture, request):
