@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones.encoders import encoder_check, freeze_encoders, truncate
+from model.backbones.encoders import depth_hints, encoder_check, freeze_encoders, truncate
 from model.parts import CLASS_TOKEN, SEQPOOL, TOKENS, Features, FixedSizes, KeyLayout, WeightsSource
 
 
@@ -221,14 +221,4 @@ def build(request):
     return backbone, Features(request.layout, CCT384_EMBEDDING_DIM)
 
 
-def hints(missing, unexpected):
-    """--trunc_te fixes guessed from the encoder blocks a checkpoint has more or fewer of."""
-    prefix = "backbone.classifier.blocks."
-    checkpoint_blocks = {int(key[len(prefix):].split(".")[0]) for key in unexpected if key.startswith(prefix)}
-    model_blocks = {int(key[len(prefix):].split(".")[0]) for key in missing if key.startswith(prefix)}
-    if model_blocks and not checkpoint_blocks:
-        return [f"the checkpoint has {min(model_blocks)} transformer encoders: use --trunc_te {min(model_blocks)}"]
-    if checkpoint_blocks and not model_blocks:
-        return [f"the checkpoint has {max(checkpoint_blocks) + 1} transformer encoders: use a larger --trunc_te "
-                "(or none)"]
-    return []
+hints = depth_hints("backbone.classifier.blocks.", "transformer encoders")

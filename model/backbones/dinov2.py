@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
-from model.backbones.encoders import ENCODER_OPTIONS, encoder_check
+from model.backbones.encoders import ENCODER_OPTIONS, depth_hints, encoder_check
 from model.parts import (CLASS_TOKEN, MAP, MAP_AND_CLASS_TOKEN, TOKENS, Features, KeyLayout, MultipleOf,
                          WeightsSource)
 
@@ -260,21 +260,12 @@ def builder(variant):
     return build
 
 
+hints = depth_hints("backbone.blocks.", "DINOv2 blocks")
+
+
 def entry(variant):
     """The registry entry (model.backbones.BackboneEntry) of a plain variant."""
     from model.backbones import BackboneEntry  # the registry module imports this one
     return BackboneEntry(builder(variant), LAYOUTS, ("imagenet", "none"), options=ENCODER_OPTIONS, sizes=SIZES,
                          check=encoder_check(VARIANTS[variant][1], lowest_freeze=0), key_layouts=KEY_LAYOUTS,
                          hints=hints)
-
-
-def hints(missing, unexpected):
-    """--trunc_te fixes guessed from the blocks a checkpoint has more or fewer of."""
-    prefix = "backbone.blocks."
-    checkpoint_blocks = {int(key[len(prefix):].split(".")[0]) for key in unexpected if key.startswith(prefix)}
-    model_blocks = {int(key[len(prefix):].split(".")[0]) for key in missing if key.startswith(prefix)}
-    if model_blocks and not checkpoint_blocks:
-        return [f"the checkpoint has {min(model_blocks)} DINOv2 blocks: use --trunc_te {min(model_blocks)}"]
-    if checkpoint_blocks and not model_blocks:
-        return [f"the checkpoint has {max(checkpoint_blocks) + 1} DINOv2 blocks: use a larger --trunc_te (or none)"]
-    return []

@@ -25,6 +25,21 @@ def encoder_check(depth, lowest_freeze=-1):
     return check
 
 
+def depth_hints(prefix, what):
+    """The hints of a transformer backbone: --trunc_te fixes guessed from the encoder layers (keys `prefix`<index>.)
+    a mismatching checkpoint has more or fewer of."""
+    def hints(missing, unexpected):
+        def indices(keys):
+            return {int(key[len(prefix):].split(".")[0]) for key in keys if key.startswith(prefix)}
+        checkpoint_layers, model_layers = indices(unexpected), indices(missing)
+        if model_layers and not checkpoint_layers:
+            return [f"the checkpoint has {min(model_layers)} {what}: use --trunc_te {min(model_layers)}"]
+        if checkpoint_layers and not model_layers:
+            return [f"the checkpoint has {max(checkpoint_layers) + 1} {what}: use a larger --trunc_te (or none)"]
+        return []
+    return hints
+
+
 def truncate(layers, trunc_te):
     """The first `trunc_te` layers of a ModuleList or Sequential (all of them for None or 0), same type and names."""
     if not trunc_te:

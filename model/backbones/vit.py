@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.backbones.encoders import encoder_check, freeze_encoders, truncate
+from model.backbones.encoders import depth_hints, encoder_check, freeze_encoders, truncate
 from model.parts import CLASS_TOKEN, TOKENS, Features, FixedSizes, KeyLayout, WeightsSource
 
 DIM, DEPTH, HEADS, MLP_DIM, PATCH = 768, 12, 12, 3072, 16
@@ -140,6 +140,7 @@ class ViTBackbone(nn.Module):
 LAYOUTS = (TOKENS, CLASS_TOKEN)
 SIZES = FixedSizes(tuple((size, size) for size in IMAGE_SIZES))
 CHECK = encoder_check(DEPTH)
+hints = depth_hints("backbone.vit_model.encoder.layer.", "encoder layers")
 
 
 def build(request):
