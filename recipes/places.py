@@ -24,6 +24,7 @@ and DistributedDataParallel averages the processes' gradients: the result is the
 one process would compute it.
 """
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -195,7 +196,10 @@ def gather_batch(local, world):
     if world.world_size == 1:
         return local
     from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(local.contiguous()))
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private module (torch.distributed._functional_collectives); same gradients
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
+        return torch.cat(all_gather(local.contiguous()))
 
 
 class TrainingImages(data.Dataset):
