@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "scripts")
 SWEEP_NAME = "smoke"
 SWEEPS = ("backbones_aggregations", "mining", "resize", "test_methods", "augmentation", "pca", "off_the_shelf",
-          "todays_methods")
+          "todays_methods", "recipes")
 
 
 def _environment(**variables):
@@ -83,6 +83,7 @@ EXPECTED_ROWS = {
     "pca": ("pca_dim", ["", "8"]),  # labels no_pca, pca_8
     "off_the_shelf": ("off_the_shelf", ["radenovic_sfm"]),
     "todays_methods": ("aggregation", ["boq", "convap", "gem", "megaloc", "mixvpr", "salad"]),
+    "recipes": ("recipe", ["cosplace", "places", "triplets"]),
 }
 
 
@@ -152,6 +153,7 @@ def test_help_shows_the_script_header_and_the_shared_options():
     ("off_the_shelf", [], {"OFF_THE_SHELF": "delf"}, "OFF_THE_SHELF: unknown model 'delf'"),
     ("todays_methods", [], {"RELEASES": "salad-dinov2-8448 netvlad-2021"}, "RELEASES: unknown release 'netvlad-2021'"),
     ("todays_methods", ["--smoke"], {"METHODS": "salad anyloc"}, "METHODS: unknown method 'anyloc'"),
+    ("recipes", [], {"RECIPES": "triplets contrastive"}, "RECIPES: unknown recipe 'contrastive'"),
 ])
 def test_bad_sweep_arguments_stop_before_any_run(tmp_path, name, args, variables, message):
     result = _run(str(tmp_path), name, *args, **variables)
