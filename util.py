@@ -57,25 +57,6 @@ def url_hash_prefix(url):
     return match.group(1) if match and match.group(1) else None
 
 
-def fetch_url(url, path, what, check_hash=True):
-    """Return `path`, downloading `url` there first if it is not present yet.
-
-    A present file is used as is, without any network. When the download fails, raise
-    WeightsUnavailableError naming the URL and the exact path where the user can put the file.
-    """
-    if os.path.isfile(path):
-        return path
-    hash_prefix = url_hash_prefix(url) if check_hash else None
-    logging.info(f"Downloading {what} from {url} to {path}")
-    try:
-        download_url(url, path, hash_prefix=hash_prefix)
-    except Exception as error:
-        raise WeightsUnavailableError(
-            f"Could not download {what} from {url} ({type(error).__name__}: {error}). "
-            f"Download it yourself and put it at {os.path.abspath(path)}") from error
-    return path
-
-
 def download_google_drive_folder_file(folder_url, file_name, path):
     """Download a Google Drive folder with gdown into a temporary folder beside `path`, keep its `file_name` as
     `path` (renamed once complete)."""
@@ -92,34 +73,40 @@ def download_google_drive_folder_file(folder_url, file_name, path):
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def fetch_google_drive_folder_file(folder_url, file_name, path, what):
-    """Like fetch_url, for a file `file_name` in a Google Drive folder."""
+def _fetch(path, what, where, download, to_fetch="it"):
+    """Return `path`, calling download() to put it there first if it is not present yet. A present file is used as
+    is, without any network; when the download fails, a WeightsUnavailableError names where the file comes from and
+    the exact path where the user can put it."""
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    logging.info(f"Downloading {what} ({file_name}) from the Google Drive folder {folder_url} to {path}")
+    logging.info(f"Downloading {what} from {where} to {path}")
     try:
-        download_google_drive_folder_file(folder_url, file_name, path)
+        download()
     except Exception as error:
         raise WeightsUnavailableError(
-            f"Could not download {what} from the Google Drive folder {folder_url} ({type(error).__name__}: "
-            f"{error}). Download its file {file_name} yourself and put it at {os.path.abspath(path)}") from error
+            f"Could not download {what} from {where} ({type(error).__name__}: {error}). "
+            f"Download {to_fetch} yourself and put it at {os.path.abspath(path)}") from error
     return path
+
+
+def fetch_url(url, path, what, check_hash=True):
+    """`path`, downloaded from `url` if needed (with check_hash, the SHA-256 prefix of a torch.hub-style name is
+    checked)."""
+    hash_prefix = url_hash_prefix(url) if check_hash else None
+    return _fetch(path, what, url, lambda: download_url(url, path, hash_prefix=hash_prefix))
 
 
 def fetch_google_drive(file_id, path, what):
-    """Like fetch_url, for a Google Drive file id."""
-    if os.path.isfile(path):
-        return path
-    link = zoo.google_drive_link(file_id)
-    logging.info(f"Downloading {what} from {link} to {path}")
-    try:
-        download_google_drive(file_id, path)
-    except Exception as error:
-        raise WeightsUnavailableError(
-            f"Could not download {what} from Google Drive ({link}; {type(error).__name__}: {error}). "
-            f"Download it yourself and put it at {os.path.abspath(path)}") from error
-    return path
+    """`path`, downloaded from a Google Drive file id if needed."""
+    return _fetch(path, what, f"Google Drive ({zoo.google_drive_link(file_id)})",
+                  lambda: download_google_drive(file_id, path))
+
+
+def fetch_google_drive_folder_file(folder_url, file_name, path, what):
+    """`path`, the file `file_name` of a Google Drive folder, downloaded if needed."""
+    return _fetch(path, what, f"the Google Drive folder {folder_url}",
+                  lambda: download_google_drive_folder_file(folder_url, file_name, path), f"its file {file_name}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,6 +29,14 @@ class RecipeEntry:
     run_check: Optional[Callable] = None  # (args, world) -> error message or None
 
 
+def shared_batch_error(flag, value, world):
+    """The message when a batch of --`flag` `value` does not split evenly among the processes, else None."""
+    if value % world.world_size:
+        return (f"--{flag} {value} must be a multiple of the number of processes ({world.world_size}), which share "
+                "each batch")
+    return None
+
+
 @dataclass
 class EpochSummary:
     """The mean loss of an epoch's batches, their number, and what results.json keeps of the epoch."""

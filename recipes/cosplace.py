@@ -38,7 +38,7 @@ import datasets_ws
 import network
 from commons import UserInputError
 from model.parts import Option
-from recipes.base import EpochSummary, LossMeter
+from recipes.base import EpochSummary, LossMeter, shared_batch_error
 from recipes.places import TrainingImages, epoch_rng, gather_batch, make_epoch_loader, training_split
 
 COSINE_EPS = 1e-8  # CosPlace's clamp of the product of the norms
@@ -80,10 +80,7 @@ def check(args):
 
 
 def run_check(args, world):
-    if args.cosplace_batch_size % world.world_size != 0:
-        return (f"--cosplace_batch_size {args.cosplace_batch_size} must be a multiple of the number of processes "
-                f"({world.world_size}), which share each batch")
-    return None
+    return shared_batch_error("cosplace_batch_size", args.cosplace_batch_size, world)
 
 
 # ----------------------------------------------------------------------------------------------------------

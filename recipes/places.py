@@ -29,14 +29,12 @@ import warnings
 import numpy as np
 import torch
 import torch.utils.data as data
-from pytorch_metric_learning.losses import MultiSimilarityLoss
-from pytorch_metric_learning.miners import MultiSimilarityMiner
 
 import commons
 import datasets_ws
 from commons import UserInputError
 from model.parts import Option
-from recipes.base import EpochSummary, LossMeter
+from recipes.base import EpochSummary, LossMeter, shared_batch_error
 
 # The four authors' settings (training.md, section 3)
 MINER_EPSILON = 0.1
@@ -66,10 +64,7 @@ def check(args):
 
 
 def run_check(args, world):
-    if args.places_per_batch % world.world_size != 0:
-        return (f"--places_per_batch {args.places_per_batch} must be a multiple of the number of processes "
-                f"({world.world_size}), which share each batch's places")
-    return None
+    return shared_batch_error("places_per_batch", args.places_per_batch, world)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -262,6 +257,9 @@ class PlacesRecipe:
         self.images_dataset = datasets_ws.ImagesDataset(paths, datasets_ws.hard_resize, args.train_resize)
         self.training_images = TrainingImages(
             paths, datasets_ws.database_training_transform(args.train_resize, args.rand_augment))
+        # Imported here: a second of every process's start-up (scipy) that the other recipes and eval.py skip
+        from pytorch_metric_learning.losses import MultiSimilarityLoss
+        from pytorch_metric_learning.miners import MultiSimilarityMiner
         self.miner = MultiSimilarityMiner(epsilon=MINER_EPSILON)
         self.loss_function = MultiSimilarityLoss(alpha=LOSS_ALPHA, beta=LOSS_BETA, base=LOSS_BASE)
         self.batches_done = 0

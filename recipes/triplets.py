@@ -19,7 +19,7 @@ import mining
 from commons import UserInputError
 from model.losses import LOSSES
 from model.parts import Option
-from recipes.base import EpochSummary, LossMeter
+from recipes.base import EpochSummary, LossMeter, shared_batch_error
 
 OPTIONS = (
     Option("criterion", str, "triplet", "Loss to be used", choices=tuple(LOSSES)),
@@ -43,9 +43,9 @@ def check(args):
 
 
 def run_check(args, world):
-    if args.train_batch_size % world.world_size != 0:
-        return (f"--train_batch_size {args.train_batch_size} must be a multiple of the number of processes "
-                f"({world.world_size}), which share each batch")
+    message = shared_batch_error("train_batch_size", args.train_batch_size, world)
+    if message:
+        return message
     if args.cache_refresh_rate < args.train_batch_size:
         return (f"--cache_refresh_rate {args.cache_refresh_rate} is smaller than --train_batch_size "
                 f"{args.train_batch_size}: no full batch could be trained. Raise the first or lower the second")

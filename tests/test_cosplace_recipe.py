@@ -17,7 +17,6 @@ import network
 import parser as vg_parser
 import train
 from recipes import RECIPES, cosplace
-from test_places_recipe import LEARNING_FLAGS, UNSEEN, untrained_and_trained_r1
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,30 +246,3 @@ def test_checkpoint_keeps_the_classifiers_and_a_resumed_run_continues_as_an_unin
     for key, values in whole_state["optimizer_state_dict"]["state"].items():
         for name, value in values.items():
             assert torch.equal(value, resumed_state["optimizer_state_dict"]["state"][key][name]), (key, name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Learning
-
-@pytest.fixture(scope="session")
-def unseen_folder(request, tmp_path_factory):
-    """tests/test_train.py's transfer dataset (the demo's sizes at 96 x 128); its test split is another street."""
-    cache = getattr(request.config, "cache", None)
-    folder = str(cache.mkdir("synthetic_datasets")) if cache is not None else str(tmp_path_factory.mktemp("data"))
-    make_synthetic_dataset.generate_dataset(folder, UNSEEN, seed=0, image_size=(96, 128), processes=2)
-    return folder
-
-
-@pytest.mark.slow
-def test_cosplace_training_from_random_weights_transfers_to_a_street_it_never_saw(tmp_path, unseen_folder):
-    """ResNet-18 conv4 + GeM; 20 m cells (10 m cells hold 3 images on this street), 4 groups of 26 to 31 classes
-    (every other cell, both heading bins in a group), trained in turn with 10 batches of 32 per epoch; a mild
-    colour jitter (CosPlace's hue 0.5 stops the learning here: recipes/cosplace.py). Measured: test R@1 41 -> 72."""
-    flags = [*LEARNING_FLAGS[:-1], "cosplace", "--backbone", "resnet18conv4", "--aggregation", "gem",
-             "--lr", "0.001", "--epochs_num", "20", "--patience", "20", "--cosplace_cell_m", "20",
-             "--cosplace_min_images", "5", "--cosplace_group_cells", "2", "--cosplace_group_bins", "1",
-             "--cosplace_batch_size", "32", "--cosplace_iterations_per_epoch", "10",
-             "--cosplace_color_jitter", "0.2", "0.2", "0.2", "0", "--cosplace_crop_scale", "0.7"]
-    untrained_r1, trained_r1, seconds = untrained_and_trained_r1(tmp_path, unseen_folder, flags, "cosplace_gem")
-    print(f"cosplace, resnet18conv4 + gem: test R@1 {untrained_r1:.0f} -> {trained_r1:.0f} in {seconds:.0f} s")
-    assert trained_r1 >= untrained_r1 + 15, (untrained_r1, trained_r1)

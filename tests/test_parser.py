@@ -160,3 +160,13 @@ def test_help_lists_every_flag_with_its_text(script):
         assert f"--{name}" in result.stdout, name
     for action in vg_parser.build_parser()._actions:
         assert action.help, f"{action.dest} has no help text"
+
+
+def test_parsing_flags_loads_neither_faiss_nor_the_search_and_test_code():
+    """The choices and option groups come from the registries; the heavy modules stay for the runs that use them."""
+    heavy = ("faiss", "search", "test", "extraction", "pytorch_metric_learning", "sklearn")
+    code = ("import sys, parser; parser.parse_arguments(['--device', 'cpu'], require_dataset=False); "
+            f"print(sorted(name for name in {heavy!r} if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

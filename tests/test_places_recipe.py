@@ -5,9 +5,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,13 +14,10 @@ from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
 
 import commons
-import make_synthetic_dataset
 import parser as vg_parser
 import tiny_dataset
 import train
 from recipes import RECIPES, places
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_utms(seed, n=300, side=200.0):
@@ -343,66 +337,3 @@ def test_resumed_run_continues_as_an_uninterrupted_one(workspace):
     for key, state in whole_state["optimizer_state_dict"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, resumed_state["optimizer_state_dict"]["state"][key][name]), (key, name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Learning
-
-# The dataset of tests/test_train.py's transfer test (the demo's sizes, rendered at 96x128); the test split is
-# another street than the training one
-UNSEEN = "train_tests_unseen_street"
-LEARNING_FLAGS = ["--dataset_name", UNSEEN, "--pretrain", "none", "--resize", "96", "128", "--device", "cpu",
-                  "--num_workers", "0", "--recipe", "places"]
-
-
-@pytest.fixture(scope="session")
-def unseen_folder(request, tmp_path_factory):
-    cache = getattr(request.config, "cache", None)
-    folder = str(cache.mkdir("synthetic_datasets")) if cache is not None else str(tmp_path_factory.mktemp("data"))
-    make_synthetic_dataset.generate_dataset(folder, UNSEEN, seed=0, image_size=(96, 128), processes=2)
-    return folder
-
-
-def untrained_and_trained_r1(tmp_path, datasets_folder, flags, save_dir):
-    """Test R@1 of the model train.py starts from and of the one it ends with, and the training's seconds. The
-    training runs on one thread: the figures measured do not depend on the machine's cores."""
-    import datasets_ws
-    import network
-    import test
-    args = vg_parser.parse_arguments(["--datasets_folder", datasets_folder, *flags])
-    commons.make_deterministic(args.seed)  # the same initial weights as train.py's
-    test_ds = datasets_ws.GeoDataset(datasets_folder, UNSEEN, "test", args.val_positive_dist_threshold)
-    untrained_r1 = test.test(args, test_ds, network.build_model(args))[0][1]
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--datasets_folder", datasets_folder,
-                             *flags, "--save_dir", save_dir], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    seconds = time.perf_counter() - start
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (run_folder,) = [os.path.join(tmp_path, "logs", save_dir, name)
-                     for name in os.listdir(os.path.join(tmp_path, "logs", save_dir))]
-    return untrained_r1, _results(run_folder)["recalls"]["test"]["R@1"], seconds
-
-
-@pytest.mark.slow
-def test_places_training_from_random_weights_transfers_to_a_street_it_never_saw(tmp_path, unseen_folder):
-    """ResNet-18 conv4 + GeM, 15 epochs of 19 batches of 8 places x 4 images. Measured: test R@1 41 -> 59 in about
-    three minutes; with --seed 1, 45 -> 55 (and 45 -> 55 with 16 places per batch and 20 epochs)."""
-    flags = LEARNING_FLAGS + ["--backbone", "resnet18conv4", "--aggregation", "gem", "--lr", "0.001",
-                              "--epochs_num", "15", "--patience", "15", "--places_per_batch", "8"]
-    untrained_r1, trained_r1, seconds = untrained_and_trained_r1(tmp_path, unseen_folder, flags, "places_gem")
-    print(f"places, resnet18conv4 + gem: test R@1 {untrained_r1:.0f} -> {trained_r1:.0f} in {seconds:.0f} s")
-    assert trained_r1 >= untrained_r1 + 15, (untrained_r1, trained_r1)
-
-
-@pytest.mark.slow
-def test_places_training_of_mixvpr_from_random_weights_transfers_to_a_street_it_never_saw(tmp_path, unseen_folder):
-    """ResNet-18 conv4 + MixVPR with its default flags (1024 channels x 4 rows, depth 4: a 6 x 8 map at 96 x 128),
-    10 epochs of 8 places x 4 images. It fits the training street within a few epochs (loss 1.4 -> 0.15) and
-    transfers less than GeM. Measured: test R@1 39 -> 53 in about two and a half minutes; 39 -> 50 with 16 places
-    per batch and 15 epochs, 39 -> 48 with 8 places and --lr 0.0003."""
-    flags = LEARNING_FLAGS + ["--backbone", "resnet18conv4", "--aggregation", "mixvpr", "--lr", "0.001",
-                              "--epochs_num", "10", "--patience", "10", "--places_per_batch", "8"]
-    untrained_r1, trained_r1, seconds = untrained_and_trained_r1(tmp_path, unseen_folder, flags, "places_mixvpr")
-    print(f"places, resnet18conv4 + mixvpr: test R@1 {untrained_r1:.0f} -> {trained_r1:.0f} in {seconds:.0f} s")
-    assert trained_r1 >= untrained_r1 + 10, (untrained_r1, trained_r1)
