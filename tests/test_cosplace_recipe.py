@@ -1,8 +1,6 @@
 """--recipe cosplace (recipes/cosplace.py): classes and groups on a grid of positions and headings, CosFace's logits
 against the formula, class-balanced batches, checkpoints that keep the classifiers and a resume that continues as an
 uninterrupted run, and (slow) learning from random weights."""
-import json
-import logging
 import math
 import os
 
@@ -17,6 +15,7 @@ import network
 import parser as vg_parser
 import train
 from recipes import RECIPES, cosplace
+from run_folders import last_checkpoint, results, run_folder
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,19 +169,6 @@ def tiny_folder(request, tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    handlers = list(logging.getLogger("").handlers)
-    yield tmp_path
-    root = logging.getLogger("")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-
-
 def _flags(folder, save_dir):
     # 4 groups of 4 to 6 classes of at least 2 images (20 m cells, every other one in a group); the 2 largest
     # trained in turn
@@ -194,43 +180,29 @@ def _flags(folder, save_dir):
             "--lr", "0.001", "--patience", "5"]
 
 
-def _run_folder(save_dir):
-    (name,) = os.listdir(os.path.join("logs", save_dir))
-    return os.path.join("logs", save_dir, name)
-
-
-def _results(folder):
-    with open(os.path.join(folder, "results.json")) as file:
-        return json.load(file)
-
-
-def _last(folder):
-    return torch.load(os.path.join(folder, "last_model.pth"), weights_only=True)
-
-
-def test_checkpoint_keeps_the_classifiers_and_a_resumed_run_continues_as_an_uninterrupted_one(workspace,
+def test_checkpoint_keeps_the_classifiers_and_a_resumed_run_continues_as_an_uninterrupted_one(in_process_runs,
                                                                                                tiny_folder):
     train.main(_flags(tiny_folder, "first") + ["--epochs_num", "1"])
-    first = _run_folder("first")
-    state = _last(first)["recipe_state"]
-    assert _last(first)["recipe"] == "cosplace" and state["batches_done"] == 2
+    first = run_folder("first")
+    state = last_checkpoint(first)["recipe_state"]
+    assert last_checkpoint(first)["recipe"] == "cosplace" and state["batches_done"] == 2
     assert len(state["groups"]) == len(state["classifiers"]) == 2
-    (epoch,) = _results(first)["cosplace_epochs"]
+    (epoch,) = results(first)["cosplace_epochs"]
     assert epoch["group"] == state["groups"][0] and epoch["classes"] == state["classes_num"][0]
     for classes_num, weights in zip(state["classes_num"], state["classifiers"]):
         assert weights["weight"].shape == (classes_num, 256)
-    optimizer = _last(first)["optimizer_state_dict"]
+    optimizer = last_checkpoint(first)["optimizer_state_dict"]
     assert [group["lr"] for group in optimizer["param_groups"]][-2:] == [0.01, 0.01]  # the classifiers' groups
 
     train.main(_flags(tiny_folder, "resumed") + ["--epochs_num", "2", "--resume",
                                                  os.path.join(first, "last_model.pth")])
-    resumed = _run_folder("resumed")
-    (epoch,) = _results(resumed)["cosplace_epochs"]
+    resumed = run_folder("resumed")
+    (epoch,) = results(resumed)["cosplace_epochs"]
     assert (epoch["epoch"], epoch["group"], epoch["batches_done"]) == (1, state["groups"][1], 4)
 
     train.main(_flags(tiny_folder, "whole") + ["--epochs_num", "2"])
-    whole = _run_folder("whole")
-    resumed_state, whole_state = _last(resumed), _last(whole)
+    whole = run_folder("whole")
+    resumed_state, whole_state = last_checkpoint(resumed), last_checkpoint(whole)
     assert resumed_state["training_step_state"] == whole_state["training_step_state"] == {"steps_done": 4}
     resumed_recipe, whole_recipe = resumed_state["recipe_state"], whole_state["recipe_state"]
     assert resumed_recipe["batches_done"] == whole_recipe["batches_done"] == 4

@@ -309,20 +309,6 @@ def test_round_input_to_patch_resizes_as_megaloc():
 # ----------------------------------------------------------------------------------------------------------
 # Weights
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Empty torch.hub cache and no network: every download attempt fails and is recorded."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.chdir(tmp_path)
-    attempts = []
-
-    def fail(*args, **kwargs):
-        attempts.append(args)
-        raise ConnectionError("network unreachable")
-    monkeypatch.setattr(util, "download_url", fail)
-    return attempts
-
-
 def hub_path(tmp_path, file_name):
     return str(tmp_path / "torch_home" / "hub" / "checkpoints" / file_name)
 

@@ -1,8 +1,6 @@
 """Adding a part is one file and one registry line: a toy backbone, a toy aggregation with an option of its own and
 a toy training recipe, defined here and registered with one line each, run through train.py's and eval.py's
 main (flags, --help, checkpoints, resume) without any other file knowing them."""
-import json
-import logging
 import os
 
 import numpy as np
@@ -21,6 +19,7 @@ from model.backbones import BACKBONES, BackboneEntry
 from model.parts import MAP, Features, Option
 from recipes import RECIPES
 from recipes.base import EpochSummary, LossMeter, RecipeEntry
+from run_folders import results, run_folder
 
 RESIZE = ["16", "16"]
 
@@ -111,18 +110,10 @@ def toy_parts(monkeypatch):
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A tiny dataset and a working folder for the run folders; the root logger given back afterwards."""
-    tiny_dataset.write_dataset(str(tmp_path / "data"), "tiny", splits=("train", "val", "test"))
-    monkeypatch.chdir(tmp_path)
-    handlers = list(logging.getLogger("").handlers)
-    yield tmp_path
-    root = logging.getLogger("")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
+def workspace(in_process_runs):
+    """A tiny dataset in the folder of the in-process runs."""
+    tiny_dataset.write_dataset(str(in_process_runs / "data"), "tiny", splits=("train", "val", "test"))
+    return in_process_runs
 
 
 def common_flags(save_dir):
@@ -131,9 +122,8 @@ def common_flags(save_dir):
 
 
 def read_results(save_dir):
-    (run_folder,) = [os.path.join("logs", save_dir, name) for name in os.listdir(os.path.join("logs", save_dir))]
-    with open(os.path.join(run_folder, "results.json")) as file:
-        return run_folder, json.load(file)
+    folder = run_folder(save_dir)
+    return folder, results(folder)
 
 
 def test_toy_backbone_and_aggregation_run_through_train_and_eval(toy_parts, workspace):

@@ -1,8 +1,6 @@
 """--recipe places (recipes/places.py): places, batches and pair labels against plain loops, the
 pytorch-metric-learning miner and loss against the formulas of training.md section 3, the gathered loss of two
 processes against one, a resume that continues as an uninterrupted run, and (slow) learning from random weights."""
-import json
-import logging
 import math
 import os
 
@@ -18,6 +16,7 @@ import parser as vg_parser
 import tiny_dataset
 import train
 from recipes import RECIPES, places
+from run_folders import last_checkpoint, results, run_folder
 
 
 def random_utms(seed, n=300, side=200.0):
@@ -277,21 +276,6 @@ def test_flags_and_their_checks(capsys):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints and resume, through train.py
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A tiny dataset and a working folder for the run folders; the root logger given back afterwards."""
-    tiny_dataset.write_dataset(str(tmp_path / "data"), "tiny", splits=("train", "val", "test"))
-    monkeypatch.chdir(tmp_path)
-    handlers = list(logging.getLogger("").handlers)
-    yield tmp_path
-    root = logging.getLogger("")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-
-
 def _flags(save_dir):
     # The tiny training split: 6 places of 2 images (a database image and a query 2 m away), 100 m apart
     return ["--datasets_folder", "data", "--dataset_name", "tiny", "--pretrain", "none", "--device", "cpu",
@@ -300,36 +284,23 @@ def _flags(save_dir):
             "--places_per_batch", "2", "--images_per_place", "2", "--lr", "0.001", "--patience", "5"]
 
 
-def _run_folder(save_dir):
-    (name,) = os.listdir(os.path.join("logs", save_dir))
-    return os.path.join("logs", save_dir, name)
-
-
-def _results(folder):
-    with open(os.path.join(folder, "results.json")) as file:
-        return json.load(file)
-
-
-def _last(folder):
-    return torch.load(os.path.join(folder, "last_model.pth"), weights_only=True)
-
-
-def test_resumed_run_continues_as_an_uninterrupted_one(workspace):
+def test_resumed_run_continues_as_an_uninterrupted_one(in_process_runs):
+    tiny_dataset.write_dataset("data", "tiny", splits=("train", "val", "test"))
     train.main(_flags("first") + ["--epochs_num", "1"])
-    first = _run_folder("first")
-    state = _last(first)
+    first = run_folder("first")
+    state = last_checkpoint(first)
     assert state["recipe"] == "places" and state["recipe_state"] == {"batches_done": 3, "places_num": 6}
-    assert _results(first)["places_epochs"][0]["batches"] == 3
+    assert results(first)["places_epochs"][0]["batches"] == 3
 
     train.main(_flags("resumed") + ["--epochs_num", "2", "--resume", os.path.join(first, "last_model.pth")])
-    resumed = _run_folder("resumed")
-    (epoch,) = _results(resumed)["places_epochs"]
+    resumed = run_folder("resumed")
+    (epoch,) = results(resumed)["places_epochs"]
     assert (epoch["epoch"], epoch["batches"], epoch["batches_done"]) == (1, 3, 6)  # continues at the same step
 
     train.main(_flags("whole") + ["--epochs_num", "2"])
-    whole = _run_folder("whole")
-    assert [e["batches_done"] for e in _results(whole)["places_epochs"]] == [3, 6]
-    resumed_state, whole_state = _last(resumed), _last(whole)
+    whole = run_folder("whole")
+    assert [e["batches_done"] for e in results(whole)["places_epochs"]] == [3, 6]
+    resumed_state, whole_state = last_checkpoint(resumed), last_checkpoint(whole)
     assert resumed_state["recipe_state"] == whole_state["recipe_state"] == {"batches_done": 6, "places_num": 6}
     assert resumed_state["training_step_state"] == whole_state["training_step_state"] == {"steps_done": 6}
     for key, value in whole_state["model_state_dict"].items():

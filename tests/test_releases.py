@@ -88,19 +88,6 @@ def test_a_flag_that_contradicts_the_name_is_an_error_naming_it(capsys):
             in capsys.readouterr().err)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    attempts = []
-
-    def fail(*args, **kwargs):
-        attempts.append(args)
-        raise ConnectionError("network unreachable")
-    for name in ("download_url", "download_google_drive", "download_google_drive_folder_file"):
-        monkeypatch.setattr(util, name, fail)
-    return attempts
-
-
 @pytest.mark.parametrize("name", list(zoo.RELEASES))
 def test_offline_each_name_says_what_to_download_and_where(offline, tmp_path, name):
     with pytest.raises(util.WeightsUnavailableError) as error:

@@ -18,21 +18,6 @@ from model import zoo
 from model.backbones import cct
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """Empty caches (TORCH_HOME and ./data) and no network: every download attempt fails and is recorded."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.chdir(tmp_path)
-    attempts = []
-
-    def fail(*args, **kwargs):
-        attempts.append(args)
-        raise ConnectionError("network unreachable")
-    monkeypatch.setattr(util, "download_url", fail)
-    monkeypatch.setattr(util, "download_google_drive", fail)
-    return attempts
-
-
 def hub_path(tmp_path, file_name):
     return str(tmp_path / "torch_home" / "hub" / "checkpoints" / file_name)
 
